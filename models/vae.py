@@ -1,0 +1,80 @@
+"""The variational autoencoder of Kingma & Welling (2014) as a Pyro model and guide.
+
+Generative model::
+
+    z_n ~ p(z)                       prior (default N(0, I))
+    x_n ~ p(x | decoder_θ(z_n))      likelihood (Bernoulli or continuous Bernoulli)
+
+Guide: q_φ(z_n | x_n) = N(μ_φ(x_n), diag σ_φ(x_n)²). Site shapes for a batch x (N, P):
+``z`` batch (N,) event (D,); ``x`` batch (N,) event (P,).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import pyro
+import torch
+from pyro.nn import PyroModule
+
+from pyrovae.guides import DiagonalGaussianEncoder
+from pyrovae.nn import mlp
+
+from .likelihoods import LIKELIHOODS
+from .priors import PRIORS
+
+_instances = itertools.count()
+
+
+@dataclass
+class VAEConfig:
+    data_dim: int  # P, pixels per image
+    latent_dim: int = 50  # D
+    hidden: tuple[int, ...] = (400,)  # decoder hidden sizes; the encoder mirrors them
+    activation: Literal["relu", "tanh", "softplus", "elu"] = "relu"
+    likelihood: str = "bernoulli"  # see LIKELIHOODS.names()
+    prior: str = "normal"  # see PRIORS.names()
+
+    def to_dict(self) -> dict:
+        return {"name": "vae", **asdict(self), "hidden": list(self.hidden)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        d = {k: v for k, v in d.items() if k != "name"}
+        return cls(**{**d, "hidden": tuple(d.get("hidden", cls.hidden))})
+
+
+class VAE(PyroModule):
+    """A VAE whose ``model(x)`` and ``guide(x)`` are Pyro programs; see the module docstring.
+
+    Each instance takes its own name in Pyro's param store, so two VAEs in one process
+    never share parameters.
+    """
+
+    def __init__(self, encoder: PyroModule, decoder: PyroModule, prior: PyroModule, likelihood: PyroModule):
+        super().__init__(name=f"vae{next(_instances)}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.prior = prior
+        self.likelihood = likelihood
+
+    def model(self, x: torch.Tensor) -> torch.Tensor:
+        with pyro.plate("data", x.shape[0]):
+            z = self.prior()
+            return self.likelihood(self.decoder(z), x)
+
+    def guide(self, x: torch.Tensor) -> torch.Tensor:
+        with pyro.plate("data", x.shape[0]):
+            return self.encoder(x)
+
+
+def build_vae(config: VAEConfig) -> VAE:
+    """The VAE a config describes: MLP decoder D → hidden → P, mirrored MLP encoder."""
+    return VAE(
+        encoder=DiagonalGaussianEncoder(config.data_dim, config.latent_dim, config.hidden[::-1], config.activation),
+        decoder=mlp([config.latent_dim, *config.hidden, config.data_dim], config.activation),
+        prior=PRIORS[config.prior](config.latent_dim),
+        likelihood=LIKELIHOODS[config.likelihood](),
+    )

@@ -1,0 +1,43 @@
+"""Entry point of the ``pyrovae`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pyrovae import __version__
+from pyrovae.errors import PyrovaeError
+
+from . import evaluate, interpolate, reconstruct, sample, train
+
+COMMANDS = (train, sample, reconstruct, interpolate, evaluate)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyrovae",
+        description="Variational autoencoders as Pyro programs: train with SVI, draw pictures, estimate the evidence.",
+    )
+    p.add_argument("--version", action="version", version=f"pyrovae {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except PyrovaeError as e:
+        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

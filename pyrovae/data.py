@@ -1,0 +1,415 @@
+"""Data sets and minibatches, held in memory as float tensors in [0, 1].
+
+:func:`load_dataset` returns a :class:`Dataset` for a known name ("digits",
+"mnist", "fashion-mnist") or for a user's ``.npz``/``.npy`` file.
+:class:`Batches` serves it in shuffled minibatches, binarized as a Bernoulli
+likelihood needs: "static" draws x_bin ~ Bernoulli(x) once, "dynamic" draws
+afresh every time a batch is served.
+
+References:
+    LeCun, Cortes & Burges, The MNIST database (the IDX file format).
+    Xiao, Rasul & Vollgraf (2017), Fashion-MNIST.
+    Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders
+    (the dynamically binarized MNIST protocol).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyrovae.errors import DataError
+
+BINARIZATIONS = ("none", "static", "dynamic")
+DATASETS = ("digits", "mnist", "fashion-mnist")  # or a path to a .npz/.npy file
+
+_IDX_FILES = {  # role: file name, each also read as name.gz
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+@dataclass
+class Dataset:
+    """A data set as flattened float32 tensors with values in [0, 1].
+
+    train: (N, P); test: (M, P); image_shape: (C, H, W) with C*H*W = P for
+    pictures, None for plain vectors; train_labels (N,) and test_labels (M,):
+    long class labels, or None where the data set has none.
+    """
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    image_shape: tuple[int, int, int] | None
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+
+    @property
+    def dim(self) -> int:
+        """P, the number of values per data point."""
+        return self.train.shape[1]
+
+
+def load_dataset(
+    name: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """Load a data set by name, or from a ``.npz``/``.npy`` path.
+
+    "digits": scikit-learn's 1797 8x8 digits, split at random (``test_fraction``,
+    deterministic for ``seed``). "mnist", "fashion-mnist": the four IDX files
+    (gzip or not) in ``data_dir`` or ``data_dir/MNIST/raw`` (``FashionMNIST/raw``);
+    ``data_dir`` defaults to $PYROVAE_DATA, else ~/.cache/pyrovae; with
+    ``download`` torchvision fetches missing files there. A ``.npy`` file holds
+    one array; a ``.npz`` file holds "train" and optionally "test" (or a single
+    array); without a test array the rows are split as for digits.
+    """
+    name = os.fspath(name)
+    if name == "digits":
+        return _load_digits(test_fraction, seed)
+    if name in _TORCHVISION_FOLDERS:
+        root = data_dir if data_dir is not None else os.environ.get("PYROVAE_DATA")
+        root = Path(root).expanduser() if root else Path.home() / ".cache" / "pyrovae"
+        return _load_idx_dataset(name, root, download)
+    if name.lower().endswith((".npz", ".npy")):
+        return _load_array_file(Path(name).expanduser(), test_fraction, seed)
+    raise DataError(
+        f"unknown data set {name!r}: use one of {', '.join(DATASETS)}, or a path to a .npz/.npy file"
+    )
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One Bernoulli draw per value, x_bin ~ Bernoulli(x); same shape, dtype and device as x.
+
+    x: values in [0, 1]; generator, if given, lives on x's device.
+    """
+    return torch.bernoulli(x, generator=generator)
+
+
+def static_binarized(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """x binarized once with a CPU generator seeded by ``seed``: the same draw on every device.
+
+    x: (N, P) in [0, 1]; returns (N, P) of 0s and 1s on x's device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return binarize(x.detach().cpu(), generator).to(x.device)
+
+
+def check_binary(x: torch.Tensor, what: str = "data") -> None:
+    """Raise DataError unless every value of x is 0 or 1."""
+    bad = (x != 0) & (x != 1)
+    n_bad = int(bad.sum())
+    if n_bad:
+        example = x[bad][0].item()
+        raise DataError(
+            f"{what} has {n_bad} values that are neither 0 nor 1 (e.g. {example:g}): "
+            "the Bernoulli likelihood needs binary data: use --binarize static or dynamic, "
+            "or --likelihood continuous-bernoulli"
+        )
+
+
+class Batches:
+    """Minibatches served from a tensor held in memory (no DataLoader).
+
+    ``for idx, xb in batches`` runs one epoch: idx (B,) long row indices into x
+    and xb (B, P) = x[idx], both on ``device``; the last batch is smaller
+    unless ``drop_last``. Binarization: "none" serves x as is; "static" serves
+    ``static_binarized(x, seed)``, drawn once here; "dynamic" serves a fresh
+    Bernoulli draw of each batch every time it is served. With ``shuffle``,
+    each epoch takes a new permutation from a generator seeded by ``seed``;
+    ``state_dict``/``load_state_dict`` save and restore the random state and
+    the position in the epoch, so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        batch_size: int,
+        binarization: str = "none",
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        device: str | torch.device | None = None,
+    ):
+        if binarization not in BINARIZATIONS:
+            raise DataError(f"unknown binarization {binarization!r}: choose one of {', '.join(BINARIZATIONS)}")
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
+            what = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"data to batch must be a float tensor of shape (N, P), got {what}")
+        n = x.shape[0]
+        if x.numel() == 0:
+            raise DataError(f"no data to batch: x has shape {tuple(x.shape)}")
+        if batch_size > n:
+            raise DataError(f"batch size {batch_size} is larger than the {n} training points: choose at most {n}")
+        if batch_size < 1:
+            raise DataError(f"batch size {batch_size} is not positive: choose between 1 and the {n} training points")
+        if binarization != "none" and not ((x >= 0) & (x <= 1)).all():
+            raise DataError(
+                f"{binarization} binarization needs values in [0, 1], got min {x.min().item():g}, "
+                f"max {x.max().item():g}: rescale the data (e.g. divide 0..255 pixels by 255)"
+            )
+        if binarization == "static":
+            x = static_binarized(x, seed)
+        device = x.device if device is None else torch.device(device)
+        self.x = x.to(device)  # (N, P), moved once: batches are gathered on the device
+        self.batch_size = batch_size
+        self.binarization = binarization
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self._order_rng = torch.Generator().manual_seed(seed)
+        self._draw_rng = None
+        if binarization == "dynamic":  # its own stream, independent of the shuffling
+            self._draw_rng = torch.Generator(device=device).manual_seed(_substream_seed(seed))
+        self._order = None  # (N,) this epoch's row order, on device
+        self._next = 0  # index of the next batch in this epoch
+        self._resume = False  # True after load_state_dict saved mid-epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n, b = self.x.shape[0], self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        n, b = self.x.shape[0], self.batch_size
+        if not self._resume:
+            order = torch.randperm(n, generator=self._order_rng) if self.shuffle else torch.arange(n)
+            self._order, self._next = order.to(self.x.device), 0
+        self._resume = False
+        order = self._order
+        for i in range(self._next, len(self)):
+            idx = order[i * b : (i + 1) * b]  # (B,)
+            xb = self.x[idx]  # (B, P)
+            if self._draw_rng is not None:
+                xb = binarize(xb, self._draw_rng)
+            self._next = i + 1
+            yield idx, xb
+
+    def state_dict(self) -> dict:
+        """Random states and position in the epoch, as tensors and ints (fit for ``torch.save``)."""
+        mid_epoch = self._order is not None and self._next < len(self)
+        return {
+            "n": self.x.shape[0],
+            "batch_size": self.batch_size,
+            "order_rng": self._order_rng.get_state(),
+            "draw_rng": None if self._draw_rng is None else self._draw_rng.get_state(),
+            "order": self._order.cpu() if mid_epoch else None,
+            "next": self._next if mid_epoch else 0,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``: the next epoch (or the rest of a saved one) is served as it would have been."""
+        if (state["n"], state["batch_size"]) != (self.x.shape[0], self.batch_size):
+            raise DataError(
+                f"batch state saved for {state['n']} points in batches of {state['batch_size']} cannot resume "
+                f"{self.x.shape[0]} points in batches of {self.batch_size}: use the same data and batch size"
+            )
+        self._order_rng.set_state(state["order_rng"])
+        if self._draw_rng is not None and state["draw_rng"] is not None:
+            self._draw_rng.set_state(state["draw_rng"])
+        self._resume = state["order"] is not None
+        self._order = None if state["order"] is None else state["order"].to(self.x.device)
+        self._next = state["next"]
+
+
+def _substream_seed(seed: int) -> int:
+    """A seed for a second random stream, independent of the one seeded by ``seed``."""
+    return int(np.random.SeedSequence(seed % 2**64, spawn_key=(1,)).generate_state(1, np.uint64)[0])
+
+
+def _split(x, labels, test_fraction, seed):
+    """Rows split at random, deterministic for the seed: (train, test, train_labels, test_labels)."""
+    n = x.shape[0]
+    n_test = round(n * test_fraction) if 0 < test_fraction < 1 else 0
+    if not 1 <= n_test < n:
+        raise DataError(
+            f"test fraction {test_fraction} leaves no test or no training points out of {n}: "
+            "choose a fraction in (0, 1), or give a separate test array"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    test, train = perm[:n_test].sort().values, perm[n_test:].sort().values
+    if labels is None:
+        return x[train], x[test], None, None
+    return x[train], x[test], labels[train], labels[test]
+
+
+def _load_digits(test_fraction, seed):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()  # 1797 images 8x8, values 0..16
+    x = torch.from_numpy(digits.data.astype(np.float32) / 16)  # (1797, 64)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    train, test, train_labels, test_labels = _split(x, y, test_fraction, seed)
+    return Dataset("digits", train, test, (1, 8, 8), train_labels, test_labels)
+
+
+def _find_idx_files(root, folder):
+    """The four IDX files in root or root/folder/raw, uncompressed ones preferred, or None."""
+    for directory in (root, root / folder / "raw"):
+        found = {}
+        for role, file_name in _IDX_FILES.items():
+            for path in (directory / file_name, directory / f"{file_name}.gz"):
+                if path.is_file():
+                    found[role] = path
+                    break
+        if len(found) == len(_IDX_FILES):
+            return found
+    return None
+
+
+def _load_idx_dataset(name, root, download):
+    folder = _TORCHVISION_FOLDERS[name]
+    files = _find_idx_files(root, folder)
+    if files is None and download:
+        _download(name, root)
+        files = _find_idx_files(root, folder)
+    if files is None:
+        wanted = ", ".join(f"{file_name}[.gz]" for file_name in _IDX_FILES.values())
+        raise DataError(
+            f"{name} not found: looked for {wanted} in {root} and in {root / folder / 'raw'}; "
+            "pass --download to fetch it, or --data-dir to point at a folder that has these files"
+        )
+    split = {}
+    for part in ("train", "test"):
+        images = _read_idx(files[f"{part}_images"], magic=2051)  # (N, H, W) uint8
+        labels = _read_idx(files[f"{part}_labels"], magic=2049)  # (N,) uint8
+        if len(images) != len(labels):
+            raise DataError(
+                f"{files[f'{part}_images']} holds {len(images)} images but {files[f'{part}_labels']} "
+                f"holds {len(labels)} labels: the files do not belong together; download them again"
+            )
+        split[part] = (images, labels)
+    if split["train"][0].shape[1:] != split["test"][0].shape[1:]:
+        raise DataError(
+            f"{files['train_images']} holds images of {split['train'][0].shape[1:]} pixels but "
+            f"{files['test_images']} of {split['test'][0].shape[1:]}: the files do not belong together"
+        )
+    (train, train_labels), (test, test_labels) = split["train"], split["test"]
+    return Dataset(
+        name,
+        torch.from_numpy(train.reshape(len(train), -1).astype(np.float32) / 255),  # (60000, 784)
+        torch.from_numpy(test.reshape(len(test), -1).astype(np.float32) / 255),  # (10000, 784)
+        (1, *train.shape[1:]),
+        torch.from_numpy(train_labels.astype(np.int64)),
+        torch.from_numpy(test_labels.astype(np.int64)),
+    )
+
+
+def _read_idx(path, magic):
+    """An IDX file of unsigned bytes (gzip or not) as an array: magic 2051 images (N, H, W), 2049 labels (N,)."""
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read {path}: {e}; delete it and download it again") from None
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        kind = "images" if magic == 2051 else "labels"
+        raise DataError(f"{path} has magic number {found}, not {magic} (IDX {kind}): it is not the file its name says")
+    ndim = magic & 0xFF  # the magic's last byte is the number of dimensions
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is truncated: {len(data)} bytes, its header alone needs {header}")
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        raise DataError(
+            f"{path} should hold {expected} bytes for its {' x '.join(map(str, dims))} values, "
+            f"found {len(data)}: the file is truncated or corrupt; delete it and download it again"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _download(name, root):
+    """Fetch the IDX files with torchvision into root/MNIST/raw (root/FashionMNIST/raw)."""
+    from torchvision import datasets
+
+    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+    try:
+        cls(str(root), train=True, download=True)
+    except (OSError, RuntimeError) as e:  # no network, or a checksum mismatch
+        raise DataError(
+            f"downloading {name} into {root} failed ({e}); put the four IDX files in "
+            f"{root / _TORCHVISION_FOLDERS[name] / 'raw'} by hand, or pass --data-dir"
+        ) from e
+
+
+def _load_array_file(path, test_fraction, seed):
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with open(path, "rb") as file:  # ours to close, also when numpy fails
+            loaded = np.load(file, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                arrays = {"train": loaded}
+            else:
+                arrays = {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"cannot read {path} as a NumPy .npy/.npz file: {e}") from None
+    if "train" in arrays:
+        train, test = arrays["train"], arrays.get("test")
+    elif len(arrays) == 1:
+        (train,), test = arrays.values(), None
+    else:
+        raise DataError(
+            f"{path} holds arrays {sorted(arrays)} but none named 'train': "
+            "save the training data as 'train' (and the test data as 'test'), or store a single array"
+        )
+    train, image_shape = _checked_array(train, f"{path} ['train']")
+    if test is None:
+        train, test, _, _ = _split(train, None, test_fraction, seed)
+    else:
+        test, test_shape = _checked_array(test, f"{path} ['test']")
+        if test_shape != image_shape or test.shape[1] != train.shape[1]:
+            raise DataError(
+                f"{path}: 'train' rows have {train.shape[1]} values {image_shape or ''} but 'test' rows "
+                f"have {test.shape[1]} {test_shape or ''}: both need the same shape per data point"
+            )
+    return Dataset(path.stem, train, test, image_shape)
+
+
+def _checked_array(a, what):
+    """A user's array as an (N, P) float32 tensor in [0, 1], and its (C, H, W) or None."""
+    if a.size == 0:
+        raise DataError(f"{what} is empty (shape {a.shape})")
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"{what} has dtype {a.dtype}: expected numbers in [0, 1]")
+    shape = a.shape
+    if a.ndim == 2:
+        side = math.isqrt(shape[1])
+        image_shape = (1, side, side) if side * side == shape[1] else None
+    elif a.ndim == 3:
+        image_shape = (1, *shape[1:])
+    elif a.ndim == 4 and shape[1] in (1, 3):
+        image_shape = shape[1:]
+    else:
+        hint = "; for channels-last images use a.transpose(0, 3, 1, 2)" if a.ndim == 4 and shape[3] in (1, 3) else ""
+        raise DataError(f"{what} has shape {shape}: expected (N, P), (N, H, W) or (N, C, H, W) with C = 1 or 3{hint}")
+    x = a.reshape(len(a), -1).astype(np.float32, order="C")  # (N, P), a copy
+    n_bad = int((~np.isfinite(x)).sum())
+    if n_bad:
+        raise DataError(f"{what} has {n_bad} NaN or infinite values: the data must be finite, in [0, 1]")
+    n_out = int(((x < 0) | (x > 1)).sum())
+    if n_out:
+        low, high = float(x.min()), float(x.max())
+        hint = "; for 0..255 pixel values divide by 255" if low >= 0 and high <= 255 else ""
+        raise DataError(
+            f"{what} has {n_out} of {x.size} values outside [0, 1] (min {low:g}, max {high:g}): "
+            f"rescale the data to [0, 1]{hint}"
+        )
+    return torch.from_numpy(x), tuple(int(s) for s in image_shape) if image_shape else None

@@ -1,0 +1,17 @@
+"""Errors a user can cause and fix.
+
+The CLI prints a :class:`PyrovaeError` as one line and exits non-zero; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class PyrovaeError(ValueError):
+    """A problem with the user's input, stated with what to do about it."""
+
+
+class DataError(PyrovaeError):
+    """A data set that cannot be read or does not fit the model."""
+
+
+class ContractError(PyrovaeError):
+    """A model or guide that breaks the model/guide contract (see the README)."""
