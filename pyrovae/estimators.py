@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
-
 import torch
 
 from .errors import PyrovaeError
@@ -53,21 +51,6 @@ def elbo(log_w: torch.Tensor) -> Estimate:
     return _mean_and_stderr(log_w)
 
 
-def log_mean_exp(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
-    """log (1/K) Σ_k w_k over a stream of chunks (k_i, N), keeping one running logsumexp per point.
-
-    Equals ``logsumexp(cat(chunks), 0) − log K`` up to round-off, in memory independent of K.
-    """
-    total, count = None, 0
-    for chunk in chunks:
-        part = torch.logsumexp(chunk, 0)
-        total = part if total is None else torch.logaddexp(total, part)
-        count += chunk.shape[0]
-    if total is None:
-        raise PyrovaeError("no log-weights to average: the number of particles must be at least 1")
-    return total - math.log(count)
-
-
 def log_px(log_w: torch.Tensor) -> Estimate:
     """Importance-sampled log p(x_n) ≈ log (1/K) Σ_k w_k, the guide as proposal; log_w (K, N) → (N,).
 
@@ -98,13 +81,14 @@ def iwae_bound(log_w: torch.Tensor, k: int) -> Estimate:
     return _mean_and_stderr(torch.logsumexp(groups, 1) - math.log(k))
 
 
-def gap(log_w: torch.Tensor) -> Estimate:
-    """log p(x_n) − ELBO(x_n) ≈ KL(q(z | x_n) ‖ p(z | x_n)) ≥ 0; log_w (K, N) → (N,).
-
-    The standard error adds the two in quadrature, which is conservative: both come from the same draws.
-    """
-    a, b = log_px(log_w), elbo(log_w)
+def difference(a: Estimate, b: Estimate) -> Estimate:
+    """a − b, standard errors added in quadrature (conservative when a and b share their draws)."""
     return Estimate(a.value - b.value, torch.sqrt(a.stderr**2 + b.stderr**2))
+
+
+def gap(log_w: torch.Tensor) -> Estimate:
+    """log p(x_n) − ELBO(x_n) ≈ KL(q(z | x_n) ‖ p(z | x_n)) ≥ 0; log_w (K, N) → (N,)."""
+    return difference(log_px(log_w), elbo(log_w))
 
 
 @dataclass

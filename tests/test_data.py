@@ -123,18 +123,6 @@ def test_test_fraction_without_points_is_rejected(fraction):
 
 
 @pytest.fixture(scope="module")
-def mnist_dir():
-    """The folder with MNIST/raw/*: ../shared/data beside the checkout, or $PYROVAE_TEST_DATA."""
-    root = Path(os.environ.get("PYROVAE_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not any(any(d.glob("train-images-idx3-ubyte*")) for d in (root, root / "MNIST" / "raw")):
-        message = f"MNIST not found at {root}; set PYROVAE_TEST_DATA"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return root
-
-
-@pytest.fixture(scope="module")
 def mnist(mnist_dir):
     return load_dataset("mnist", data_dir=mnist_dir)
 

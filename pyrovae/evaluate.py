@@ -1,0 +1,206 @@
+"""Evaluation of a trained (model, guide) pair on a data set: every estimator, per data point.
+
+For each point, K draws z_k ~ q(z | x) give the log-weights from which come the ELBO (split into
+reconstruction and per-site KL), the IWAE bounds L_k, the importance-sampled log p(x), the gap
+log p(x) − ELBO and the reliability of the weights (ESS, PSIS k̂). Points are processed a batch
+at a time and particles a chunk at a time, so memory is bounded by chunk × batch activations plus
+the K × batch log-weights that PSIS needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import diagnostics, estimators
+from .errors import PyrovaeError
+from .estimators import Estimate, KLEstimate
+from .evidence import log_weights
+from .train import fast_context
+
+DEFAULT_IWAE_KS = (1, 5, 50, 5000)
+
+
+@dataclass
+class Evaluation:
+    """Per-point results for N points (each field (N,)) and the settings that produced them."""
+
+    num_samples: int  # K, importance samples per point
+    elbo: Estimate
+    reconstruction: Estimate
+    kl: dict[str, KLEstimate]
+    iwae: dict[int, Estimate]
+    log_px: Estimate
+    gap: Estimate
+    ess: torch.Tensor
+    khat: torch.Tensor
+    note: str = ""
+    log_w: torch.Tensor | None = None  # (K, N) when kept
+    data_dim: int | None = None  # P, for bits per dimension
+
+    def summary(self) -> dict:
+        """Means over points with their standard errors across points (nats), and the k̂ summary."""
+        s = {
+            "num_points": int(self.elbo.value.numel()),
+            "num_samples": self.num_samples,
+            "elbo": self.elbo.mean(),
+            "reconstruction": self.reconstruction.mean(),
+            "kl": {site: {"method": k.method, "value": k.best.mean(), "monte_carlo": k.monte_carlo.mean(),
+                          "analytic": None if k.analytic is None else k.analytic.mean(),
+                          "z_score_mean": None if k.z_score is None else _nanmean(k.z_score)}
+                   for site, k in self.kl.items()},
+            "iwae": {str(k): e.mean() for k, e in self.iwae.items()},
+            "log_px": self.log_px.mean(),
+            "gap": self.gap.mean(),
+            "ess": {"mean": self.ess.mean().item(), "min": self.ess.min().item()},
+            "khat": diagnostics.khat_summary(self.khat),
+            "note": self.note,
+        }
+        if self.data_dim:
+            s["bits_per_dim"] = -s["log_px"][0] / (self.data_dim * math.log(2))
+        return s
+
+    def per_point(self) -> dict[str, list]:
+        out = {"elbo": self.elbo.value, "elbo_stderr": self.elbo.stderr, "reconstruction": self.reconstruction.value,
+               "log_px": self.log_px.value, "log_px_stderr": self.log_px.stderr, "gap": self.gap.value,
+               "ess": self.ess, "khat": self.khat}
+        for site, k in self.kl.items():
+            out[f"kl_{site}"] = k.best.value
+        for k, e in self.iwae.items():
+            out[f"iwae_{k}"] = e.value
+        return {name: v.tolist() for name, v in out.items()}
+
+    def table(self) -> str:
+        """A readable table of the summary."""
+        s = self.summary()
+        rows = [("ELBO", *s["elbo"]), ("  reconstruction E_q log p(x|z)", *s["reconstruction"])]
+        for site, k in s["kl"].items():
+            rows.append((f"  KL(q‖p) at {site}, Monte Carlo", *k["monte_carlo"]))
+            if k["analytic"] is None:
+                rows.append((f"  KL(q‖p) at {site}, analytic: no closed form", math.nan, math.nan))
+            else:
+                rows.append((f"  KL(q‖p) at {site}, analytic", *k["analytic"]))
+        for k, v in s["iwae"].items():
+            rows.append((f"IWAE bound L_{k}", *v))
+        rows.append((f"log p(x), importance sampled (K={self.num_samples})", *s["log_px"]))
+        rows.append(("gap log p(x) − ELBO ≈ KL(q‖posterior)", *s["gap"]))
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{'per data point, nats':<{width}}  {'mean':>10}  {'± s.e.':>8}"]
+        lines += [f"{name:<{width}}  {v:>10.3f}  {e:>8.3f}" if not math.isnan(v) else f"{name:<{width}}  {'—':>10}"
+                  for name, v, e in rows]
+        kh = s["khat"]
+        lines.append(f"ESS mean {s['ess']['mean']:.1f}, min {s['ess']['min']:.1f} of K={self.num_samples}")
+        lines.append(f"PSIS k̂ mean {kh['mean']:.2f}, max {kh['max']:.2f}; share of points with k̂ > 0.7: "
+                     f"{kh['share_above_0.7']:.1%} (k̂ > 0.7: the estimate of log p(x) for that point is unreliable)")
+        if "bits_per_dim" in s:
+            lines.append(f"bits per dimension {s['bits_per_dim']:.4f}")
+        lines.append(f"{s['num_points']} points; s.e. across points (data variation).")
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+
+def _nanmean(t: torch.Tensor) -> float:
+    return t[~t.isnan()].mean().item() if (~t.isnan()).any() else math.nan
+
+
+def _cat_estimates(parts: list[Estimate]) -> Estimate:
+    return Estimate(torch.cat([p.value for p in parts]), torch.cat([p.stderr for p in parts]))
+
+
+def evaluate(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    iwae_ks: Sequence[int] = DEFAULT_IWAE_KS,
+    particles_elbo: int = 100,
+    batch_size: int = 1,
+    chunk_size: int | None = None,
+    keep_log_weights: bool = False,
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate on x (N, P), ``batch_size`` points at a time.
+
+    Draws K' = max(num_samples, particles_elbo) samples per point once. The ELBO, reconstruction
+    and KL terms average all K'; the IWAE bounds and log p(x) use the first K = num_samples (the
+    IWAE bounds at each k ≤ K in disjoint groups); ESS and k̂ are those of the K weights.
+    """
+    if num_samples < 1:
+        raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {num_samples}")
+    if particles_elbo < 1:
+        raise PyrovaeError(f"--particles-elbo must be at least 1, got {particles_elbo}")
+    if batch_size < 1:
+        raise PyrovaeError(f"the batch size must be at least 1, got {batch_size}")
+    if len(x) == 0:
+        raise PyrovaeError("no data points to evaluate")
+    ks = sorted({k for k in iwae_ks if k <= num_samples} | {num_samples})
+    total = max(num_samples, particles_elbo)
+    parts: dict[str, list] = {n: [] for n in ("elbo", "recon", "iwae", "log_px", "gap", "ess", "khat", "log_w")}
+    kl_parts: list[dict[str, KLEstimate]] = []
+    note = ""
+    with fast_context(), tqdm(total=len(x), disable=not progress, unit="point", dynamic_ncols=True) as bar:
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size]
+            terms = log_weights(model, guide, xb, total, chunk_size)
+            log_w_all = terms.log_w.double()  # (K', B)
+            log_w = log_w_all[:num_samples]  # (K, B)
+            parts["elbo"].append(estimators.elbo(log_w_all))
+            parts["recon"].append(estimators.reconstruction(terms))
+            kl_parts.append(estimators.kl(terms))
+            parts["iwae"].append({k: estimators.iwae_bound(log_w, k) for k in ks})
+            parts["log_px"].append(estimators.log_px(log_w))
+            parts["gap"].append(estimators.difference(parts["log_px"][-1], parts["elbo"][-1]))
+            rel = diagnostics.reliability(log_w)
+            note = rel.note
+            parts["ess"].append(rel.ess)
+            parts["khat"].append(rel.khat)
+            if keep_log_weights:
+                parts["log_w"].append(log_w.cpu())
+            bar.update(len(xb))
+
+    def cat_kl(site: str) -> KLEstimate:
+        mc = _cat_estimates([p[site].monte_carlo for p in kl_parts])
+        if kl_parts[0][site].analytic is None:
+            return KLEstimate(mc, None, None)
+        return KLEstimate(mc, _cat_estimates([p[site].analytic for p in kl_parts]), torch.cat([p[site].z_score for p in kl_parts]))
+
+    return Evaluation(
+        num_samples=num_samples,
+        elbo=_cat_estimates(parts["elbo"]),
+        reconstruction=_cat_estimates(parts["recon"]),
+        kl={site: cat_kl(site) for site in kl_parts[0]},
+        iwae={k: _cat_estimates([p[k] for p in parts["iwae"]]) for k in ks},
+        log_px=_cat_estimates(parts["log_px"]),
+        gap=_cat_estimates(parts["gap"]),
+        ess=torch.cat(parts["ess"]).cpu(),
+        khat=torch.cat(parts["khat"]).cpu(),
+        note=note,
+        log_w=torch.cat(parts["log_w"], 1) if keep_log_weights else None,
+        data_dim=x.shape[-1],
+    )
+
+
+def to_inference_data(evaluation: Evaluation):
+    """Per-point log-weights and diagnostics as an arviz ``InferenceData`` (group ``log_likelihood``
+    holds log w with dims (chain=1, draw=K, point=N); ``sample_stats`` holds ESS and k̂ per point)."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import arviz as az
+    if evaluation.log_w is None:
+        raise PyrovaeError("log-weights were not kept: evaluate with keep_log_weights=True")
+    log_w = evaluation.log_w.numpy()[None]  # (1, K, N)
+    return az.from_dict(
+        log_likelihood={"log_w": log_w},
+        observed_data={"log_px": evaluation.log_px.value.numpy(), "ess": evaluation.ess.numpy(),
+                       "khat": evaluation.khat.numpy(), "elbo": evaluation.elbo.value.numpy()},
+        dims={"log_w": ["point"], "log_px": ["point"], "ess": ["point"], "khat": ["point"], "elbo": ["point"]},
+    )
