@@ -1,0 +1,109 @@
+"""Evaluation of a trained VAE, the evaluate command, and its errors."""
+
+import json
+
+import arviz
+import pytest
+import torch
+
+from pyrovae.cli.main import main
+from pyrovae.data import Batches, load_dataset, static_binarized
+from pyrovae.evaluate import evaluate, to_inference_data
+from pyrovae.models import VAEConfig, build_vae
+from pyrovae.train import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def trained_digits_vae():
+    torch.manual_seed(0)
+    data = load_dataset("digits")
+    vae = build_vae(VAEConfig(data.dim, latent_dim=8, hidden=(64,)))
+    fit(vae, Batches(data.train, 64, "dynamic", seed=0), TrainConfig(epochs=20, batch_size=64), progress=False)
+    return vae, static_binarized(data.test, 1)[:40]
+
+
+def test_trained_vae_importance_sampling_beats_elbo_and_iwae_rises(trained_digits_vae):
+    vae, x = trained_digits_vae
+    torch.manual_seed(1)
+    result = evaluate(vae.model, vae.guide, x, num_samples=500, iwae_ks=(1, 5, 50), batch_size=8)
+    # log p(x) ≥ ELBO pointwise up to Monte Carlo error
+    z = (result.log_px.value - result.elbo.value) / (result.log_px.stderr**2 + result.elbo.stderr**2).sqrt()
+    assert (z > -3).float().mean() >= 0.95
+    means = [result.iwae[k].value.mean().item() for k in (1, 5, 50, 500)]
+    assert means == sorted(means)
+    assert result.gap.value.mean() > 0
+    summary = result.summary()
+    assert summary["num_points"] == 40 and summary["num_samples"] == 500
+    assert summary["kl"]["z"]["method"] == "analytic"
+    assert abs(summary["kl"]["z"]["z_score_mean"]) < 3
+
+
+def test_evaluate_batching_does_not_change_the_estimates(trained_digits_vae):
+    """Points are independent: one batch of 8 and 8 batches of 1 estimate the same numbers."""
+    vae, x = trained_digits_vae
+    a = evaluate(vae.model, vae.guide, x[:8], num_samples=2000, batch_size=8)
+    b = evaluate(vae.model, vae.guide, x[:8], num_samples=2000, batch_size=1, chunk_size=300)
+    z = (a.log_px.value - b.log_px.value) / (a.log_px.stderr**2 + b.log_px.stderr**2).sqrt()
+    assert z.abs().max() < 3.5
+
+
+def test_inference_data_export(trained_digits_vae, tmp_path):
+    vae, x = trained_digits_vae
+    result = evaluate(vae.model, vae.guide, x[:5], num_samples=100, keep_log_weights=True)
+    idata = to_inference_data(result)
+    idata.to_netcdf(str(tmp_path / "e.nc"))
+    back = arviz.from_netcdf(str(tmp_path / "e.nc"))
+    assert back.log_likelihood["log_w"].shape == (1, 100, 5)
+    assert back.observed_data["khat"].shape == (5,)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": 0}, "-k must be at least 1"),
+    ({"particles_elbo": 0}, "particles-elbo must be at least 1"),
+    ({"batch_size": 0}, "batch size must be at least 1"),
+], ids=["k=0", "elbo-particles=0", "batch=0"])
+def test_evaluate_rejects_bad_arguments(trained_digits_vae, kwargs, message):
+    vae, x = trained_digits_vae
+    with pytest.raises(ValueError, match=message):
+        evaluate(vae.model, vae.guide, x, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["train", "--epochs", "2", "--hidden", "32", "--latent-dim", "4", "--out", str(folder), "--no-progress"]) == 0
+    return folder
+
+
+def test_evaluate_command_prints_table_and_writes_json_and_netcdf(run_dir, tmp_path, capsys):
+    out, nc = tmp_path / "e.json", tmp_path / "e.nc"
+    code = main(["evaluate", str(run_dir), "-k", "200", "--limit", "10", "--json", str(out), "--netcdf", str(nc), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for line in ("ELBO", "KL(q‖p) at z, analytic", "IWAE bound L_50", "log p(x), importance sampled (K=200)", "PSIS k̂"):
+        assert line in printed
+    report = json.loads(out.read_text())
+    assert report["summary"]["num_points"] == 10 and len(report["per_point"]["log_px"]) == 10
+    assert set(report["summary"]["iwae"]) == {"1", "5", "50", "200"}
+    assert arviz.from_netcdf(str(nc)).log_likelihood["log_w"].shape == (1, 200, 10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "validation"], "unknown split 'validation'"),
+    (["-k", "0"], "must be at least 1"),
+    (["--limit", "0"], "--limit must be at least 1"),
+], ids=["split", "k", "limit"])
+def test_evaluate_command_bad_options(run_dir, capsys, args, message):
+    assert main(["evaluate", str(run_dir), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_evaluate_command_needs_a_checkpoint(run_dir, tmp_path, capsys):
+    folder = tmp_path / "no-checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text((run_dir / "config.json").read_text())
+    assert main(["evaluate", str(folder), "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
