@@ -8,14 +8,14 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule
+from torch import nn
 
-from pyrovae.nn import mlp
+from pyrovae.nn import mlp, register
 
 MIN_SCALE = 1e-4
 
 
-class DiagonalGaussianEncoder(PyroModule):
+class DiagonalGaussianEncoder(nn.Module):
     """Amortized guide: site ``z``, batch (N,), event (D,), all latents local to each data point.
 
     An MLP ``P → hidden → 2D`` gives μ and a raw scale; σ = softplus(raw) + 1e-4, so σ ≈ 0.69
@@ -34,5 +34,6 @@ class DiagonalGaussianEncoder(PyroModule):
         return loc, F.softplus(raw_scale) + MIN_SCALE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        register(self)
         loc, scale = self.loc_scale(x)
         return pyro.sample(self.site, dist.Normal(loc, scale).to_event(1))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
+from pyrovae.nn import register
 
-class LinearGaussianGuide(PyroModule):
+
+class LinearGaussianGuide(nn.Module):
     """q(u|x) = N(F x + c, L Lᵀ), sites in ``sites`` order, all local to each data point.
 
     With ``diagonal=True`` each site is a mean-field ``Normal(...).to_event(1)`` using only diag(L),
@@ -46,6 +47,7 @@ class LinearGaussianGuide(PyroModule):
         return self.set_posterior(F, -F @ b, cov)
 
     def forward(self, x: torch.Tensor) -> None:
+        register(self)
         with pyro.plate("data", x.shape[0]):
             L = self.L.tril()
             mean = x @ self.F.T + self.c  # (N, D)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from torch import nn
 
 from pyrovae.registry import Registry
 
-LIKELIHOODS: Registry[PyroModule] = Registry("likelihood")
+LIKELIHOODS: Registry[nn.Module] = Registry("likelihood")
 
 
-class Bernoulli(PyroModule):
+class Bernoulli(nn.Module):
     """x_p ~ Bernoulli(sigmoid(logits_p)) for binary pixels."""
 
     binary_data = True
@@ -25,7 +25,7 @@ class Bernoulli(PyroModule):
         return pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
 
-class ContinuousBernoulli(PyroModule):
+class ContinuousBernoulli(nn.Module):
     """x_p ~ ContinuousBernoulli(sigmoid(logits_p)) for grey levels in [0, 1] (Loaiza-Ganem & Cunningham, 2019).
 
     A normalized density on [0, 1], unlike the Bernoulli applied to grey levels.

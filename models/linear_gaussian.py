@@ -12,11 +12,12 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
+from pyrovae.nn import register
 
-class LinearGaussian(PyroModule):
+
+class LinearGaussian(nn.Module):
     """Base class: subclasses define ``sites``, ``prior_cov()``, ``observation_matrix()`` and ``model``."""
 
     sites: dict[str, int]  # latent site name → its dimension, in sampling order
@@ -64,6 +65,7 @@ class PPCA(LinearGaussian):
         return self.W
 
     def model(self, x: torch.Tensor) -> None:
+        register(self)
         D = self.sites["z"]
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
@@ -92,6 +94,7 @@ class HierarchicalLinearGaussian(LinearGaussian):
         return torch.cat([self.W.new_zeros(self.data_dim, self.sites["z1"]), self.W], 1)
 
     def model(self, x: torch.Tensor) -> None:
+        register(self)
         with pyro.plate("data", x.shape[0]):
             z1 = pyro.sample("z1", dist.Normal(x.new_zeros(self.sites["z1"]), 1.0).to_event(1))
             z2 = pyro.sample("z2", dist.Normal(z1 @ self.A.T, self.top_noise).to_event(1))

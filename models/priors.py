@@ -1,10 +1,11 @@
 """Priors p(z): Pyro programs called inside the model's ``pyro.plate("data", N)``.
 
 A prior samples its latent site(s) and returns the value the decoder reads. To add one,
-write a ``PyroModule`` whose ``forward()`` does that and register a constructor::
+write an ``nn.Module`` whose ``forward()`` does that (calling ``pyrovae.nn.register(self)`` first
+if it has parameters) and register a constructor::
 
     @PRIORS.register("my-prior")
-    def my_prior(latent_dim: int) -> PyroModule: ...
+    def my_prior(latent_dim: int) -> nn.Module: ...
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from torch import nn
 
 from pyrovae.registry import Registry
 
-PRIORS: Registry[PyroModule] = Registry("prior")
+PRIORS: Registry[nn.Module] = Registry("prior")
 
 
-class StandardNormal(PyroModule):
+class StandardNormal(nn.Module):
     """p(z) = N(0, I): site ``z``, batch (N,) from the enclosing plate, event (D,)."""
 
     def __init__(self, latent_dim: int, site: str = "z"):

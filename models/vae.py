@@ -11,21 +11,18 @@ Guide: q_φ(z_n | x_n) = N(μ_φ(x_n), diag σ_φ(x_n)²). Site shapes for a bat
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import pyro
 import torch
-from pyro.nn import PyroModule
+from torch import nn
 
 from pyrovae.guides import DiagonalGaussianEncoder
-from pyrovae.nn import mlp
+from pyrovae.nn import mlp, register
 
 from .likelihoods import LIKELIHOODS
 from .priors import PRIORS
-
-_instances = itertools.count()
 
 
 @dataclass
@@ -46,21 +43,23 @@ class VAEConfig:
         return cls(**{**d, "hidden": tuple(d.get("hidden", cls.hidden))})
 
 
-class VAE(PyroModule):
+class VAE(nn.Module):
     """A VAE whose ``model(x)`` and ``guide(x)`` are Pyro programs; see the module docstring.
 
-    Each instance takes its own name in Pyro's param store, so two VAEs in one process
-    never share parameters.
+    The decoder is registered with Pyro's param store (``pyrovae.nn.register``) in ``model``,
+    the encoder in ``guide``, each under its own name, so ``SVI`` trains every parameter and two
+    VAEs in one process never share parameters.
     """
 
-    def __init__(self, encoder: PyroModule, decoder: PyroModule, prior: PyroModule, likelihood: PyroModule):
-        super().__init__(name=f"vae{next(_instances)}")
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: nn.Module):
+        super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.prior = prior
         self.likelihood = likelihood
 
     def model(self, x: torch.Tensor) -> torch.Tensor:
+        register(self.decoder)
         with pyro.plate("data", x.shape[0]):
             z = self.prior()
             return self.likelihood(self.decoder(z), x)

@@ -121,14 +121,19 @@ def evaluate(
     particles_elbo: int = 100,
     batch_size: int = 1,
     chunk_size: int | None = None,
+    compile: bool = False,
     keep_log_weights: bool = False,
     progress: bool = False,
 ) -> Evaluation:
-    """Evaluate on x (N, P), ``batch_size`` points at a time.
+    """Evaluate on x (N, P), ``batch_size`` points at a time, in two independent passes per batch:
 
-    Draws K' = max(num_samples, particles_elbo) samples per point once. The ELBO, reconstruction
-    and KL terms average all K'; the IWAE bounds and log p(x) use the first K = num_samples (the
-    IWAE bounds at each k ≤ K in disjoint groups); ESS and k̂ are those of the K weights.
+    1. ``particles_elbo`` draws per point: the ELBO, its reconstruction term and the KL(q ‖ p) per
+       latent site, analytic and Monte Carlo;
+    2. K = ``num_samples`` draws per point, ``chunk_size`` at a time: log p(x), the IWAE bounds
+       L_k for k in ``iwae_ks`` (and K), the gap log p(x) − ELBO, ESS and PSIS k̂.
+
+    ``compile`` computes the observed sites' log-densities with ``torch.compile`` (the first call
+    compiles for some seconds; worth it for K in the thousands).
     """
     if num_samples < 1:
         raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {num_samples}")
@@ -139,19 +144,17 @@ def evaluate(
     if len(x) == 0:
         raise PyrovaeError("no data points to evaluate")
     ks = sorted({k for k in iwae_ks if k <= num_samples} | {num_samples})
-    total = max(num_samples, particles_elbo)
     parts: dict[str, list] = {n: [] for n in ("elbo", "recon", "iwae", "log_px", "gap", "ess", "khat", "log_w")}
     kl_parts: list[dict[str, KLEstimate]] = []
     note = ""
     with fast_context(), tqdm(total=len(x), disable=not progress, unit="point", dynamic_ncols=True) as bar:
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size]
-            terms = log_weights(model, guide, xb, total, chunk_size)
-            log_w_all = terms.log_w.double()  # (K', B)
-            log_w = log_w_all[:num_samples]  # (K, B)
-            parts["elbo"].append(estimators.elbo(log_w_all))
+            terms = log_weights(model, guide, xb, particles_elbo, chunk_size, compiled=compile)
+            parts["elbo"].append(estimators.elbo(terms.log_w.double()))
             parts["recon"].append(estimators.reconstruction(terms))
             kl_parts.append(estimators.kl(terms))
+            log_w = log_weights(model, guide, xb, num_samples, chunk_size, analytic_kl=False, compiled=compile).log_w.double()  # (K, B)
             parts["iwae"].append({k: estimators.iwae_bound(log_w, k) for k in ks})
             parts["log_px"].append(estimators.log_px(log_w))
             parts["gap"].append(estimators.difference(parts["log_px"][-1], parts["elbo"][-1]))

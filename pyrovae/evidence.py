@@ -15,6 +15,7 @@ the guide samples every latent site of the model.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -27,6 +28,7 @@ from torch.distributions import kl_divergence
 from .errors import ContractError, PyrovaeError
 
 PARTICLE_DIM = -2
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,8 +74,31 @@ def _check_data_plate(name: str, site: dict, program: str) -> None:
         )
 
 
-def _unscaled_log_prob(name: str, site: dict, shape: torch.Size) -> torch.Tensor:
-    log_p = site["fn"].log_prob(site["value"])
+def _log_prob(fn, value: torch.Tensor) -> torch.Tensor:
+    return fn.log_prob(value)
+
+
+_compiled_log_prob: Callable | None = None
+
+
+def _fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
+    """``fn.log_prob(value)`` compiled by ``torch.compile`` into one fused kernel (the sum over the
+    event included); eager if compilation is unavailable or fails."""
+    global _compiled_log_prob
+    if _compiled_log_prob is None:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
+        _compiled_log_prob = torch.compile(_log_prob)
+    if _compiled_log_prob is not _log_prob:
+        try:
+            return _compiled_log_prob(fn, value)
+        except Exception as e:  # no C compiler, an unsupported distribution, …
+            log.warning("torch.compile of the observed log-density failed (%s); continuing in eager mode", e)
+            _compiled_log_prob = _log_prob
+    return fn.log_prob(value)
+
+
+def _unscaled_log_prob(name: str, site: dict, shape: torch.Size, compiled: bool = False) -> torch.Tensor:
+    log_p = (_fused_log_prob if compiled else _log_prob)(site["fn"], site["value"])
     if log_p.shape != shape:
         raise ContractError(
             f"site {name!r} has log-probability shape {tuple(log_p.shape)}, expected (particles, data) = {tuple(shape)}: "
@@ -89,11 +114,17 @@ def _kl(q_fn, p_fn, shape: torch.Size) -> torch.Tensor | None:
         return None
 
 
-def site_log_probs(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args, **kwargs) -> SiteLogProbs:
+def site_log_probs(
+    model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args,
+    analytic_kl: bool = True, compiled: bool = False, **kwargs,
+) -> SiteLogProbs:
     """One vectorized pass: K = ``num_particles`` draws from the guide for each of the N points in ``x``.
 
     ``model(x, *args, **kwargs)`` and ``guide(x, *args, **kwargs)`` are called once each; the
     result's tensors are (K, N). Densities are unscaled (subsampling scales are ignored).
+    ``analytic_kl``: also compute KL(q_s ‖ p_s) in closed form per latent site where one exists.
+    ``compiled``: compute the observed sites' log-densities with ``torch.compile`` (the costly part
+    of a pass for image likelihoods: K × N × P terms), falling back to eager mode.
     """
     N = x.shape[0]
     shape = torch.Size([num_particles, N])
@@ -105,7 +136,7 @@ def site_log_probs(model: Callable, guide: Callable, x: torch.Tensor, num_partic
     for name, site in _sample_sites(model_trace):
         _check_data_plate(name, site, "model")
         if site["is_observed"]:
-            terms.log_likelihood[name] = _unscaled_log_prob(name, site, shape)
+            terms.log_likelihood[name] = _unscaled_log_prob(name, site, shape, compiled)
             continue
         if name not in guide_trace.nodes:
             raise ContractError(f"the guide does not sample latent site {name!r} of the model: a guide must sample every latent site")
@@ -113,14 +144,15 @@ def site_log_probs(model: Callable, guide: Callable, x: torch.Tensor, num_partic
         _check_data_plate(name, q_site, "guide")
         terms.log_prior[name] = _unscaled_log_prob(name, site, shape)
         terms.log_q[name] = _unscaled_log_prob(name, q_site, shape)
-        terms.kl_analytic[name] = _kl(q_site["fn"], site["fn"], shape)
+        terms.kl_analytic[name] = _kl(q_site["fn"], site["fn"], shape) if analytic_kl else None
     if not terms.log_likelihood:
         raise ContractError("the model has no observed site: observe the data with pyro.sample(..., obs=x)")
     return terms
 
 
 def log_weights(
-    model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int | None = None, *args, **kwargs
+    model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int | None = None, *args,
+    analytic_kl: bool = True, compiled: bool = False, **kwargs,
 ) -> SiteLogProbs:
     """:func:`site_log_probs` for K = ``num_particles``, computed ``chunk_size`` particles at a time.
 
@@ -133,9 +165,10 @@ def log_weights(
     chunk_size = num_particles if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise PyrovaeError(f"the chunk size must be at least 1, got {chunk_size}")
-    with torch.no_grad():
+    with torch.inference_mode():
         chunks = [
-            site_log_probs(model, guide, x, min(chunk_size, num_particles - start), *args, **kwargs)
+            site_log_probs(model, guide, x, min(chunk_size, num_particles - start), *args,
+                           analytic_kl=analytic_kl, compiled=compiled, **kwargs)
             for start in range(0, num_particles, chunk_size)
         ]
     return chunks[0] if len(chunks) == 1 else SiteLogProbs.cat(chunks)

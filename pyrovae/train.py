@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import PyrovaeError
+from .nn import skip_registration
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ class TrainConfig:
 def elbo_loss(model: Callable, guide: Callable, num_particles: int = 1) -> Callable[..., torch.Tensor]:
     """x ↦ −ELBO(x) summed over the batch: Pyro's differentiable ``Trace_ELBO`` loss.
 
-    Run under :func:`fast_context`, which skips what a training step need not redo: argument
-    validation of each distribution (the data are checked once when loaded).
+    Run it under :func:`fast_context`.
     """
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
 
@@ -59,19 +59,34 @@ def elbo_loss(model: Callable, guide: Callable, num_particles: int = 1) -> Calla
 
 @contextmanager
 def fast_context():
-    """Pyro settings for the engine's own loops: no per-call validation of distribution arguments."""
-    with pyro.validation_enabled(False):
+    """Settings for the engine's own loops: no per-call validation of distribution arguments (the
+    data are checked once when loaded), and no param-store registration (the optimizer holds the
+    parameters)."""
+    with pyro.validation_enabled(False), skip_registration():
         yield
 
 
+def make_optimizer(params, lr: float) -> torch.optim.Adam:
+    """Adam, with torch's fused kernel (one pass over all parameters per step)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
 def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args) -> float:
-    """One Adam step on −ELBO(x); returns the loss. Raises :class:`TrainingDiverged` before stepping on nan/inf."""
+    """One optimizer step on −ELBO(x); returns the loss.
+
+    Raises :class:`TrainingDiverged` before stepping if the loss or a gradient is nan or infinite,
+    so the parameters are never corrupted.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(x, *args)
     value = loss.item()
     if not math.isfinite(value):
         raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
     loss.backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads).item()
+    if not math.isfinite(norm):
+        raise TrainingDiverged(f"the gradient became {norm} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
     optimizer.step()
     return value
 
@@ -100,7 +115,7 @@ def fit(
     when ``test_x`` is given) and ``seconds``. ``on_epoch_end(metrics)`` runs after each epoch
     (the CLI saves its checkpoint there).
     """
-    optimizer = optimizer or torch.optim.Adam(module.parameters(), lr=config.lr)
+    optimizer = optimizer or make_optimizer(module.parameters(), config.lr)
     loss_fn = elbo_loss(module.model, module.guide, config.num_particles)
     history = []
     steps = (config.epochs - start_epoch) * len(batches)

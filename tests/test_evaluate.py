@@ -77,7 +77,7 @@ def run_dir(tmp_path_factory):
 
 def test_evaluate_command_prints_table_and_writes_json_and_netcdf(run_dir, tmp_path, capsys):
     out, nc = tmp_path / "e.json", tmp_path / "e.nc"
-    code = main(["evaluate", str(run_dir), "-k", "200", "--limit", "10", "--json", str(out), "--netcdf", str(nc), "--no-progress"])
+    code = main(["evaluate", str(run_dir), "-k", "200", "--limit", "10", "--no-compile", "--json", str(out), "--netcdf", str(nc), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     for line in ("ELBO", "KL(q‖p) at z, analytic", "IWAE bound L_50", "log p(x), importance sampled (K=200)", "PSIS k̂"):
@@ -94,7 +94,7 @@ def test_evaluate_command_prints_table_and_writes_json_and_netcdf(run_dir, tmp_p
     (["--limit", "0"], "--limit must be at least 1"),
 ], ids=["split", "k", "limit"])
 def test_evaluate_command_bad_options(run_dir, capsys, args, message):
-    assert main(["evaluate", str(run_dir), "--no-progress", *args]) == 2
+    assert main(["evaluate", str(run_dir), "--no-progress", "--no-compile", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 

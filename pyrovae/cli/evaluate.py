@@ -24,10 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="test", help="train or test")
     p.add_argument("-k", "--samples", type=int, default=5000, help="importance samples per point for log p(x)")
     p.add_argument("--iwae-k", type=int, nargs="+", default=list(DEFAULT_IWAE_KS), help="k of the IWAE bounds L_k (those ≤ -k)")
-    p.add_argument("--particles-elbo", type=int, default=100, help="fewest draws per point for the ELBO and KL terms")
+    p.add_argument("--particles-elbo", type=int, default=100, help="draws per point for the ELBO, reconstruction and KL terms")
     p.add_argument("--limit", type=int, help="evaluate only the first N points of the split")
     p.add_argument("--batch-size", type=int, default=1, help="points per pass")
     p.add_argument("--chunk-size", type=int, help="particles per pass (default: all at once)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the observed log-density with torch.compile (eager if unavailable)")
     p.add_argument("--json", type=Path, help="write the summary and per-point values here")
     p.add_argument("--netcdf", type=Path, help="write per-point log-weights and diagnostics as arviz InferenceData")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,7 +43,7 @@ def run(args) -> int:
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
     result = evaluate(module.model, module.guide, x, args.samples, args.iwae_k, args.particles_elbo,
-                      args.batch_size, args.chunk_size, keep_log_weights=args.netcdf is not None,
+                      args.batch_size, args.chunk_size, args.compile, keep_log_weights=args.netcdf is not None,
                       progress=not args.no_progress)
     seconds = time.perf_counter() - start
     print(f"{run_.path}: {args.split} split, {len(x)} points, {seconds:.1f} s ({len(x) / seconds:.1f} points/s)")

@@ -18,7 +18,7 @@ from pyrovae.nn import ACTIVATIONS
 from pyrovae.plots import save_grid, save_loss_curve
 from pyrovae.generate import sample_prior
 from pyrovae.run import Run, check_likelihood_data, resolve_device
-from pyrovae.train import TrainConfig, fit, elbo_loss, fast_context, mean_elbo
+from pyrovae.train import TrainConfig, elbo_loss, fast_context, fit, make_optimizer, mean_elbo
 
 from .interpolate import save_interpolations
 from .reconstruct import save_reconstructions
@@ -91,7 +91,7 @@ def run(args) -> int:
     check_likelihood_data(module, data.train, binarize)
     batches = Batches(data.train, config.batch_size, binarize, seed=config.seed, device=device)
     test_x = run_.eval_split(data).to(device)
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
+    optimizer = make_optimizer(module.parameters(), config.lr)
 
     start_epoch = 0
     if args.resume:

@@ -1,0 +1,507 @@
+"""Speed of importance-sampled log p(x) on MNIST: pyrovae against hand-written PyTorch, Pyro and pythae.
+
+Every method estimates, for each test point x, log p(x) ≈ logsumexp_k log w_k − log K with
+log w_k = log p(x | z_k) + log p(z_k) − log q(z_k | x), z_k ~ q(z | x), K draws per point
+(default K = 5000, Burda et al. 2016's protocol), on the same trained weights:
+
+    (a) pyrovae   pyrovae.evaluate.evaluate(model, guide, x, K, iwae_ks=(), particles_elbo=1, ...): the whole call,
+                  PSIS k̂ and the other per-point estimators included
+    (b) pytorch   hand-written eager PyTorch: encoder → (μ, σ), z = μ + σ ε, decoder logits,
+                  −BCE-with-logits, Gaussian log-densities by formula, one point at a time
+    (c) pyro      pyro.infer.importance.vectorized_importance_weights, one point per call (it sums
+                  over the data plate, so one point at a time is how it gives per-point weights)
+    (d) pythae    pythae's VAE.get_nll, with an encoder and decoder wrapping the same modules
+                  (only when pythae is importable: it lives in a separate benchmark venv, see README.md)
+
+Reported per method: points/s (median over interleaved repeats of the cycle a, b, c, d), the mean
+log p(x) with its standard error across points, and the largest per-point |difference| from (b)
+in combined Monte Carlo standard errors. Peak memory of (a) is measured in fresh subprocesses
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which sees torch's allocations; tracemalloc does not)
+at two chunk sizes and two K. A table is printed and JSON written to results/evaluate_speed.json.
+
+Weights: ``--checkpoint RUN`` (a pyrovae run folder), else a 784-200-200-50 tanh VAE trained here for
+``--train-epochs`` on dynamically binarized MNIST and cached in results/. Test data: the MNIST test set,
+binarized once (``static_binarized``). ``--tiny`` runs a seconds-long version on scikit-learn's digits
+(the test suite's smoke test).
+
+    python benchmarks/evaluate_speed.py --points 100
+    ../bench-venv/bin/python benchmarks/evaluate_speed.py --points 100     # with pythae
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+import pyro
+import torch
+import torch.nn.functional as F
+
+import pyrovae
+from pyrovae.data import Batches, load_dataset, static_binarized
+from pyrovae.evaluate import evaluate
+from pyrovae.models import VAEConfig, build_vae
+from pyrovae.train import TrainConfig, fit
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_DATA_DIR = HERE.parent.parent / "shared" / "data"  # ../shared/data beside the checkout
+METHODS = ("pyrovae", "pytorch", "pyro", "pythae")
+LABELS = {
+    "pyrovae": "(a) pyrovae evaluate",
+    "pytorch": "(b) hand-written PyTorch",
+    "pyro": "(c) Pyro vectorized_importance_weights",
+    "pythae": "(d) pythae VAE.get_nll",
+}
+MEMORY_RUNS = [(1000, 500), (5000, 500), (1000, 5000), (5000, 5000)]  # (K, chunk size)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--points", type=int, default=100, help="evaluate the first N test points")
+    p.add_argument("-k", "--samples", type=int, default=5000, help="importance samples K per point")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing cycles over the methods (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of training, of the test set's binarization (seed + 1) and of the draws")
+    g = p.add_argument_group("(a) pyrovae's evaluate options (unset: evaluate's defaults)")
+    g.add_argument("--batch-size", type=int, help="points per pass")
+    g.add_argument("--chunk-size", type=int, help="particles per pass")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate's compiled path, where this pyrovae's evaluate has a compile option")
+    g = p.add_argument_group("other methods")
+    g.add_argument("--hand-chunk", type=int, default=1000, help="(b): particles per pass (measured a little faster than all K at once)")
+    g.add_argument("--pythae-batch-size", type=int, default=1000, help="(d): get_nll's batch_size (samples per pass)")
+    g.add_argument("--no-pythae", action="store_true", help="skip (d) even if pythae is importable")
+    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    g.add_argument("--memory-points", type=int, default=2, help="points per peak-memory run")
+    g = p.add_argument_group("weights and data")
+    g.add_argument("--checkpoint", type=Path, metavar="RUN", help="a pyrovae run folder to take the weights and test data from")
+    g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None,
+                   help="folder with the MNIST IDX files (default: ../shared/data beside the checkout, else $PYROVAE_DATA)")
+    g.add_argument("--train-epochs", type=int, default=2, help="epochs of the VAE trained (and cached in results/) without --checkpoint")
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run: digits, small net, K=50, 4 points, 1 repeat, no memory runs, no pythae")
+    p.add_argument("--out", type=Path, help="JSON output (default: results/evaluate_speed.json, results/evaluate_speed_tiny.json with --tiny)")
+    p.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)  # internal: one peak-memory run
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.samples, args.points, args.repeats = 50, 4, 1
+        args.no_memory = args.no_pythae = True
+    if args.out is None:
+        args.out = RESULTS / ("evaluate_speed_tiny.json" if args.tiny else "evaluate_speed.json")
+    for name in ("points", "samples", "repeats", "threads", "hand_chunk", "pythae_batch_size", "memory_points"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# --- weights and data ---------------------------------------------------------------------------
+
+
+def load_setup(args) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    """The trained VAE (eval mode), the test points x (N, P) and a description of both."""
+    if args.tiny:
+        return _tiny_setup(args)
+    if args.checkpoint is not None:
+        from pyrovae.run import Run
+
+        run = Run.open(args.checkpoint)
+        vae = run.build_model("cpu").eval()
+        x = run.eval_split(run.dataset())[: args.points]
+        _check_plain_vae(vae)
+        return vae, x, {"weights": f"run folder {args.checkpoint}", "model": run.config["model"], "data": run.config["data"]}
+    data = load_dataset("mnist", args.data_dir)
+    config = VAEConfig(data.dim, latent_dim=50, hidden=(200, 200), activation="tanh")
+    cache = RESULTS / f"vae-mnist-784-200x200-50-tanh-{args.train_epochs}ep-seed{args.seed}.pt"
+    vae = build_vae(config)
+    if cache.is_file():
+        state = torch.load(cache, weights_only=True)
+        vae.load_state_dict(state["model"])
+        history = state["history"]
+        print(f"weights: {cache.relative_to(HERE.parent)} (cached)")
+    else:
+        print(f"training a 784-200-200-50 tanh VAE for {args.train_epochs} epochs on dynamically binarized MNIST ...", flush=True)
+        torch.manual_seed(args.seed)
+        batches = Batches(data.train, 128, "dynamic", seed=args.seed)
+        history = fit(vae, batches, TrainConfig(epochs=args.train_epochs, batch_size=128, seed=args.seed), progress=False)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": config.to_dict(), "model": vae.state_dict(), "history": history}, cache)
+        print(f"weights: trained, train ELBO {history[-1]['train_elbo']:.2f} nats; cached in {cache.relative_to(HERE.parent)}")
+    x = static_binarized(data.test, args.seed + 1)[: args.points]
+    description = {
+        "weights": f"trained here: {args.train_epochs} epochs, Adam 1e-3, batch 128, dynamically binarized MNIST (cache {cache.name})",
+        "train_elbo_last_epoch": history[-1]["train_elbo"],
+        "model": config.to_dict(),
+        "data": {"dataset": "mnist", "split": "test", "binarize": "static", "seed": args.seed + 1},
+    }
+    return vae.eval(), x, description
+
+
+def _tiny_setup(args):
+    torch.manual_seed(args.seed)
+    data = load_dataset("digits")
+    config = VAEConfig(data.dim, latent_dim=4, hidden=(32,), activation="tanh")
+    vae = build_vae(config)
+    fit(vae, Batches(data.train, 64, "dynamic", seed=args.seed), TrainConfig(epochs=5, batch_size=64, seed=args.seed), progress=False)
+    x = static_binarized(data.test, args.seed + 1)[: args.points]
+    return vae.eval(), x, {"weights": "tiny: trained here, 5 epochs on digits", "model": config.to_dict(),
+                           "data": {"dataset": "digits", "split": "test", "binarize": "static", "seed": args.seed + 1}}
+
+
+def _check_plain_vae(vae) -> None:
+    """(b) and (d) write the densities by hand: they need the textbook VAE."""
+    from pyrovae.models import Bernoulli, StandardNormal
+
+    if not (hasattr(vae, "encoder") and hasattr(vae.encoder, "loc_scale") and isinstance(vae.likelihood, Bernoulli)
+            and isinstance(vae.prior, StandardNormal)):
+        sys.exit("this benchmark needs a VAE with a diagonal Gaussian encoder, a N(0, I) prior and a Bernoulli likelihood")
+
+
+# --- the methods: each maps (vae, x (N, P), K) to per-point log p(x) and its standard error, both (N,) -----
+
+
+def log_px_from_log_w(log_w: torch.Tensor) -> tuple[float, float]:
+    """log (1/K) Σ w_k and its delta-method standard error sd(w)/(√K mean w), from log_w (K,)."""
+    log_w = log_w.double()
+    K = log_w.numel()
+    value = torch.logsumexp(log_w, 0) - math.log(K)
+    stderr = torch.exp(log_w - value).std() / math.sqrt(K) if K > 1 else torch.tensor(math.nan)
+    return value.item(), stderr.item()
+
+
+def run_pyrovae(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
+    kwargs = {"num_samples": K, "iwae_ks": (), "particles_elbo": 1}
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    if args.chunk_size is not None:
+        kwargs["chunk_size"] = args.chunk_size
+    if args.compile is not None:
+        kwargs["compile"] = args.compile
+    result = evaluate(vae.model, vae.guide, x, **kwargs)
+    return result.log_px.value, result.log_px.stderr
+
+
+def run_pytorch(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain eager PyTorch; the Pyro modules are called as torch modules (no Pyro handler is active)."""
+    values, stderrs = [], []
+    for xn in x:  # (P,)
+        loc, scale = vae.encoder.loc_scale(xn)  # (D,), (D,)
+        log_w = []
+        for start in range(0, K, args.hand_chunk):
+            eps = torch.randn(min(args.hand_chunk, K - start), loc.shape[-1])  # (C, D)
+            z = loc + scale * eps
+            logits = vae.decoder(z)  # (C, P)
+            log_px_z = -F.binary_cross_entropy_with_logits(logits, xn.expand_as(logits), reduction="none").sum(-1)
+            # log N(z; 0, I) − log N(z; μ, σ²): the −D/2 log 2π terms cancel; (z − μ)/σ = ε
+            log_w.append(log_px_z - 0.5 * (z * z).sum(-1) + 0.5 * (eps * eps).sum(-1) + scale.log().sum())
+        value, stderr = log_px_from_log_w(torch.cat(log_w))
+        values.append(value)
+        stderrs.append(stderr)
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(stderrs, dtype=torch.float64)
+
+
+def run_pyro(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pyro's vectorized importance weights, one point per call, validation off as in pyrovae's evaluate."""
+    from pyro.infer.importance import vectorized_importance_weights
+
+    values, stderrs = [], []
+    with pyro.validation_enabled(False):
+        for n in range(len(x)):
+            log_w, _, _ = vectorized_importance_weights(vae.model, vae.guide, x[n : n + 1], num_samples=K, max_plate_nesting=1)
+            value, stderr = log_px_from_log_w(log_w)  # log_w: (K,)
+            values.append(value)
+            stderrs.append(stderr)
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(stderrs, dtype=torch.float64)
+
+
+def make_pythae(vae):
+    """A pythae VAE whose encoder and decoder wrap the trained modules, or None if pythae is not importable.
+
+    pythae's encoder returns μ and log σ² (``log_covariance``); its "bce" loss reads probabilities,
+    so the decoder returns sigmoid(logits). Both count the rows they see, to show what get_nll computes.
+    """
+    try:
+        from pythae.models import VAE, VAEConfig as PythaeConfig
+        from pythae.models.base.base_utils import ModelOutput
+        from pythae.models.nn import BaseDecoder, BaseEncoder
+    except ImportError:
+        return None
+
+    class Encoder(BaseEncoder):
+        def __init__(self):
+            super().__init__()
+            self.net, self.rows = vae.encoder, 0
+
+        def forward(self, x):
+            self.rows += x.shape[0]
+            loc, scale = self.net.loc_scale(x.reshape(x.shape[0], -1))
+            return ModelOutput(embedding=loc, log_covariance=2 * scale.log())
+
+    class Decoder(BaseDecoder):
+        def __init__(self):
+            super().__init__()
+            self.net, self.rows = vae.decoder, 0
+
+        def forward(self, z):
+            self.rows += z.shape[0]
+            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
+
+    latent_dim = vae.encoder.latent_dim
+    data_dim = vae.decoder[-1].out_features
+    config = PythaeConfig(input_dim=(data_dim,), latent_dim=latent_dim, reconstruction_loss="bce")
+    return VAE(config, encoder=Encoder(), decoder=Decoder()).eval()
+
+
+def run_pythae(model, x, K, args) -> tuple[torch.Tensor, None]:
+    """pythae's get_nll on one point per call: it loops over points itself and returns only their mean,
+    which for one point is that point's log p(x) (a log-likelihood, despite the name). No standard error."""
+    values = [model.get_nll(x[n : n + 1], n_samples=K, batch_size=args.pythae_batch_size) for n in range(len(x))]
+    return torch.tensor(values, dtype=torch.float64), None
+
+
+# --- peak memory in a fresh process -------------------------------------------------------------
+
+
+def memory_probe(path: Path) -> None:
+    """Child process: evaluate the saved points once and print {"rss_before_mib", "peak_mib"} as JSON."""
+    import resource
+
+    job = torch.load(path, weights_only=True)
+    torch.set_num_threads(job["threads"])
+    vae = build_vae(VAEConfig.from_dict(job["config"]))
+    vae.load_state_dict(job["model"])
+    vae.eval()
+    x = job["x"]
+    kwargs = {"iwae_ks": (), "particles_elbo": 1, "batch_size": job["batch_size"]}
+    if job["compile"] is not None:
+        kwargs["compile"] = job["compile"]
+    with torch.no_grad():
+        evaluate(vae.model, vae.guide, x[:1], num_samples=50, chunk_size=50, **kwargs)  # lazy imports (arviz), small peak
+        rss_before = _current_rss_kib()
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        evaluate(vae.model, vae.guide, x, num_samples=job["K"], chunk_size=job["chunk"], **kwargs)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rss_before_mib": rss_before / 1024, "peak_before_mib": peak_before / 1024, "peak_mib": peak / 1024}))
+
+
+def _current_rss_kib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return float(line.split()[1])
+    return math.nan
+
+
+def measure_memory(vae, x, args, compile_kw) -> list[dict]:
+    rows = []
+    batch_size = args.batch_size or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        for K, chunk in MEMORY_RUNS:
+            job = Path(tmp) / "job.pt"
+            torch.save({"config": _vae_config(vae), "model": vae.state_dict(), "x": x[: args.memory_points].clone(), "K": K,
+                        "chunk": chunk, "batch_size": batch_size, "threads": args.threads, "compile": compile_kw}, job)
+            done = subprocess.run([sys.executable, __file__, "--memory-probe", str(job)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"memory probe K={K} chunk={chunk} failed:\n{done.stderr[-2000:]}")
+            m = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append({"K": K, "chunk_size": chunk, "effective_chunk": min(K, chunk), "batch_size": batch_size,
+                         "points": len(x[: args.memory_points]), **m, "growth_mib": m["peak_mib"] - m["rss_before_mib"]})
+            print(f"  memory K={K:>5} chunk={chunk:>5}: peak RSS {m['peak_mib']:.0f} MiB, "
+                  f"{rows[-1]['growth_mib']:.0f} MiB above the RSS before the call", flush=True)
+    return rows
+
+
+def _vae_config(vae) -> dict:
+    """The VAEConfig dict of a pyrovae VAE built by build_vae (for the memory probe)."""
+    layers = [m for m in vae.decoder if isinstance(m, torch.nn.Linear)]
+    activation = next(name for name, cls in pyrovae.nn.ACTIVATIONS.items() if isinstance(vae.decoder[1], cls)) if len(layers) > 1 else "relu"
+    return VAEConfig(layers[-1].out_features, layers[0].in_features, tuple(m.out_features for m in layers[:-1]), activation).to_dict()
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "pyro": pyro.__version__, "pyrovae": pyrovae.__version__,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = os.getloadavg()
+    return info
+
+
+def compile_support(args) -> bool | None:
+    """The ``compile`` value to pass to evaluate (None: don't pass it)."""
+    supported = "compile" in inspect.signature(evaluate).parameters
+    if args.compile is not None and not supported:
+        sys.exit("--compile/--no-compile: this pyrovae's evaluate has no compile option")
+    return args.compile
+
+
+def summarize(values: torch.Tensor) -> tuple[float, float]:
+    """Mean over points and its standard error across points."""
+    n = values.numel()
+    return values.mean().item(), (values.std().item() / math.sqrt(n) if n > 1 else math.nan)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_probe is not None:
+        memory_probe(args.memory_probe)
+        return 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _benchmark(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _benchmark(args) -> int:
+    compile_kw = compile_support(args)
+    vae, x, setup = load_setup(args)  # may train: outside no_grad
+    with torch.no_grad():
+        return _measure(args, vae, x, setup, compile_kw)
+
+
+def _measure(args, vae, x, setup, compile_kw) -> int:
+    K, N = args.samples, len(x)
+    methods = ["pyrovae", "pytorch", "pyro"]
+    notes = {}
+    pythae_model = None if args.no_pythae else make_pythae(vae)
+    if pythae_model is not None:
+        methods.append("pythae")
+    else:
+        notes["pythae"] = "skipped: " + ("--no-pythae" if args.no_pythae else
+                                         f"pythae is not importable from {sys.executable} (install benchmarks/requirements-pythae.txt in a separate venv)")
+        print(f"(d) pythae {notes['pythae']}")
+    print(f"{N} points, K = {K} importance samples each, {args.repeats} interleaved repeats, {args.threads} torch threads", flush=True)
+
+    def call(name: str, points: torch.Tensor):
+        if name == "pythae":
+            return run_pythae(pythae_model, points, K, args)
+        return {"pyrovae": run_pyrovae, "pytorch": run_pytorch, "pyro": run_pyro}[name](vae, points, K, args)
+
+    warmup_s = {}
+    for name in methods:  # one point each, untimed in the results: first-call costs (and any compilation)
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        call(name, x[:1])
+        warmup_s[name] = time.perf_counter() - start
+
+    seconds = {name: [] for name in methods}
+    estimates = {}
+    for rep in range(args.repeats):
+        for i, name in enumerate(methods):
+            torch.manual_seed(1000 * args.seed + 100 * rep + i)  # distinct draws per method: independent estimates
+            start = time.perf_counter()
+            values, stderrs = call(name, x)
+            seconds[name].append(time.perf_counter() - start)
+            estimates.setdefault(name, (values.double(), None if stderrs is None else stderrs.double()))
+            print(f"  repeat {rep + 1}/{args.repeats} {LABELS[name]:<40} {N / seconds[name][-1]:8.2f} points/s", flush=True)
+
+    ref_v, ref_se = estimates["pytorch"]
+    results = {}
+    for name in methods:
+        values, stderrs = estimates[name]
+        mean, se = summarize(values)
+        entry = {"label": LABELS[name], "points_per_s": N / statistics.median(seconds[name]), "seconds": seconds[name],
+                 "warmup_seconds_one_point": warmup_s[name], "log_px_mean": mean, "log_px_se_across_points": se,
+                 "mean_diff_vs_pytorch": (values - ref_v).mean().item(), "per_point_log_px": values.tolist()}
+        if stderrs is not None:
+            entry["per_point_stderr"] = stderrs.tolist()
+            entry["mc_stderr_mean"] = stderrs.mean().item()
+        if name != "pytorch":
+            other = stderrs if stderrs is not None else ref_se  # pythae gives none: assume the same as (b)'s
+            z = (values - ref_v).abs() / (other**2 + ref_se**2).sqrt()
+            entry["max_abs_z_vs_pytorch"] = z.max().item()
+        results[name] = entry
+    results["pyrovae"]["options"] = {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "compile": compile_kw,
+                                     "evaluate_defaults": {k: v.default for k, v in inspect.signature(evaluate).parameters.items()
+                                                           if k in ("batch_size", "chunk_size", "compile")}}
+    results["pytorch"]["options"] = {"chunk": args.hand_chunk}
+    if pythae_model is not None:
+        import pythae
+
+        bs = args.pythae_batch_size
+        results["pythae"]["options"] = {"batch_size": bs, "n_samples": K}
+        results["pythae"]["version"] = getattr(pythae, "__version__", None) or _dist_version("pythae")
+        points_seen = 1 + args.repeats * N
+        results["pythae"]["samples_per_point_used"] = pythae_model.decoder.rows / points_seen
+        results["pythae"]["encoder_rows_per_point"] = pythae_model.encoder.rows / points_seen
+        results["pythae"]["note"] = (
+            "get_nll returns the mean of log p(x) (negative) under the name nll; with n_samples > batch_size it draws "
+            "(n_samples // batch_size) * batch_size samples (remainder dropped), otherwise batch_size samples whatever n_samples; "
+            "it re-encodes batch_size copies of each point for every pass (encoder rows per point = samples per point); "
+            "probabilities through F.binary_cross_entropy (log clamped at -100). No per-point standard error: "
+            "its z vs (b) assumes the same Monte Carlo error as (b)."
+        )
+
+    memory = []
+    if not args.no_memory:
+        print("peak memory of (a), each in a fresh process (ru_maxrss):", flush=True)
+        memory = measure_memory(vae, x, args, compile_kw)
+
+    report = {"benchmark": "evaluate_speed", "machine": machine_info(), "setup": setup,
+              "settings": {"points": N, "K": K, "repeats": args.repeats, "threads": args.threads, "seed": args.seed, "tiny": args.tiny},
+              "methods": results, "notes": notes, "memory": memory,
+              "memory_note": "ru_maxrss (peak resident set of the process, sees torch's allocations; tracemalloc does not and is "
+                             "not used); growth = peak − RSS just before the evaluate call, after a small warm-up call."}
+    print()
+    print(format_table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def format_table(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"log p(x), importance sampled, K = {s['K']}, {s['points']} points, {s['threads']} threads "
+             f"({report['machine']['cpu']}); points/s: median of {s['repeats']}",
+             f"{'method':<40} {'points/s':>9} {'× (b)':>6}  {'log p(x) mean ± s.e.':>21}  {'mean Δ vs (b)':>13}  {'max |z| vs (b)':>14}"]
+    ref = report["methods"]["pytorch"]["points_per_s"]
+    for name, m in report["methods"].items():
+        z = m.get("max_abs_z_vs_pytorch")
+        lines.append(f"{m['label']:<40} {m['points_per_s']:>9.2f} {m['points_per_s'] / ref:>6.2f}  "
+                     f"{m['log_px_mean']:>11.3f} ± {m['log_px_se_across_points']:<7.3f}  {m['mean_diff_vs_pytorch']:>+13.4f}  "
+                     f"{'—' if z is None else f'{z:.2f}':>14}")
+    for name, note in report["notes"].items():
+        lines.append(f"{LABELS[name]}: {note}")
+    if "pythae" in report["methods"]:
+        m = report["methods"]["pythae"]
+        lines.append(f"pythae {m['version']}: get_nll(n_samples={s['K']}, batch_size={m['options']['batch_size']}) used "
+                     f"{m['samples_per_point_used']:.0f} samples and encoded {m['encoder_rows_per_point']:.0f} rows per point")
+    if report["memory"]:
+        lines.append("peak memory of (a), fresh process each, ru_maxrss:")
+        lines.append(f"  {'K':>5} {'chunk':>6} {'peak RSS MiB':>13} {'growth MiB':>11}")
+        for r in report["memory"]:
+            lines.append(f"  {r['K']:>5} {r['chunk_size']:>6} {r['peak_mib']:>13.0f} {r['growth_mib']:>11.0f}")
+    lines.append("s.e. across points (data variation); z: per-point difference over the combined Monte Carlo standard errors.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

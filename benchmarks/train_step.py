@@ -1,0 +1,157 @@
+"""Training step: pyrovae vs a hand-written PyTorch VAE vs naive Pyro, side by side in one run.
+
+(a) torch:      hand-written reparameterized ELBO with analytic KL, one torch.optim.Adam;
+(a') the same with torch's fused Adam, the optimizer pyrovae uses, to show the cost of Pyro itself;
+(b) naive pyro: SVI(model, guide, pyro.optim.Adam, Trace_ELBO()) as in Pyro's VAE example;
+(c) pyrovae:    the path ``pyrovae.train.fit`` takes (Pyro's Trace_ELBO loss, one fused torch Adam).
+
+All three train the same architecture on the same minibatches of binarized MNIST (or random
+binary data with --synthetic). The methods are interleaved in rounds; each time is the median
+over all steps after warm-up. Usage: python benchmarks/train_step.py [--tiny] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.infer import SVI, Trace_ELBO
+from torch import nn
+
+from common import machine, write_json
+from pyrovae.models import VAEConfig, build_vae
+from pyrovae.train import elbo_loss, fast_context, make_optimizer, train_step
+
+ROOT = Path(__file__).resolve().parent
+
+
+class TorchVAE(nn.Module):
+    """The same networks as pyrovae's VAE, written by hand."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = nn.Sequential(*[_plain(m) for m in vae.encoder.net])
+        self.decoder = nn.Sequential(*[_plain(m) for m in vae.decoder])
+
+    def loss(self, x):
+        """−ELBO summed over the batch: BCE reconstruction + analytic KL(N(μ, σ²) ‖ N(0, I))."""
+        loc, raw = self.encoder(x).chunk(2, -1)
+        scale = F.softplus(raw) + 1e-4
+        z = loc + scale * torch.randn_like(loc)
+        recon = F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="sum")
+        kl = 0.5 * (scale**2 + loc**2 - 1).sum() - scale.log().sum()
+        return recon + kl
+
+
+def _plain(module):
+    if isinstance(module, nn.Linear):
+        linear = nn.Linear(module.in_features, module.out_features)
+        linear.load_state_dict(module.state_dict())
+        return linear
+    return type(module)()
+
+
+def make_methods(config: VAEConfig, lr: float):
+    torch.manual_seed(0)
+    ours = build_vae(config)
+    naive = build_vae(config)
+    naive.load_state_dict(ours.state_dict())
+    hand = TorchVAE(ours)
+
+    hand_fused = TorchVAE(ours)
+
+    def torch_step(module, optimizer):
+        def step(x):
+            optimizer.zero_grad(set_to_none=True)
+            loss = module.loss(x)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+
+        return step
+
+    svi = SVI(naive.model, naive.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    opt_ours = make_optimizer(ours.parameters(), lr)
+    loss_ours = elbo_loss(ours.model, ours.guide)
+
+    def step_pyrovae(x):
+        with fast_context():
+            return train_step(loss_ours, opt_ours, x)
+
+    return {
+        "torch": torch_step(hand, torch.optim.Adam(hand.parameters(), lr=lr)),
+        "torch_fused_adam": torch_step(hand_fused, torch.optim.Adam(hand_fused.parameters(), lr=lr, fused=True)),
+        "naive_pyro": svi.step,
+        "pyrovae": step_pyrovae,
+    }
+
+
+def batches(args, batch_size: int):
+    if args.synthetic:
+        g = torch.Generator().manual_seed(0)
+        data = torch.rand(20 * batch_size, 784, generator=g)
+    else:
+        from pyrovae.data import load_dataset
+
+        data = load_dataset("mnist", args.data_dir).train
+    g = torch.Generator().manual_seed(1)
+    while True:
+        idx = torch.randint(len(data), (batch_size,), generator=g)
+        yield torch.bernoulli(data[idx], generator=g)
+
+
+def bench(args, hidden, batch_size) -> dict:
+    config = VAEConfig(784, latent_dim=50, hidden=hidden, activation="relu" if len(hidden) == 1 else "tanh")
+    methods = make_methods(config, 1e-3)
+    data = batches(args, batch_size)
+    times = {name: [] for name in methods}
+    for round_ in range(args.rounds):
+        for name, step in methods.items():
+            for i in range(args.warmup + args.steps):
+                x = next(data)
+                start = time.perf_counter()
+                step(x)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    return {
+        "net": f"784-{'-'.join(map(str, hidden))}-50",
+        "batch_size": batch_size,
+        "ms_per_step": ms,
+        "ratio_to_torch": {name: ms[name] / ms["torch"] for name in ms},
+        "steps_per_method": len(times["torch"]),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(ROOT.parent.parent / "shared" / "data"), help="folder with the MNIST IDX files")
+    p.add_argument("--synthetic", action="store_true", help="random data instead of MNIST")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=100, help="timed steps per method per round")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="a few steps on synthetic data, to check that the script runs")
+    p.add_argument("--out", default=str(ROOT / "results" / "train_step.json"))
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.synthetic, args.rounds, args.steps, args.warmup = True, 1, 3, 1
+    torch.set_num_threads(args.threads)
+    settings = [((400,), 128), ((400,), 256), ((200, 200), 128), ((200, 200), 256)]
+    rows = [bench(args, hidden, b) for hidden, b in (settings[:1] if args.tiny else settings)]
+    print("ms per step (ratio to hand-written torch with default Adam); last column: pyrovae / torch with fused Adam")
+    print(f"{'net':<16} {'batch':>5} {'torch':>7} {'torch fused':>17} {'naive pyro':>17} {'pyrovae':>17} {'vs fused':>9}")
+    for r in rows:
+        ms, ratio = r["ms_per_step"], r["ratio_to_torch"]
+        cells = " ".join(f"{ms[m]:>8.2f} ({ratio[m]:.2f}×)" for m in ("torch_fused_adam", "naive_pyro", "pyrovae"))
+        print(f"{r['net']:<16} {r['batch_size']:>5} {ms['torch']:>7.2f} {cells} {ms['pyrovae'] / ms['torch_fused_adam']:>8.2f}×")
+    write_json({"benchmark": "train_step", "machine": machine(), "settings": vars(args), "results": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
