@@ -23,6 +23,7 @@ from .evidence import log_weights
 from .train import fast_context
 
 DEFAULT_IWAE_KS = (1, 5, 50, 5000)
+PASS_SIZE = 5000  # draws per pass when the batch size is not given
 
 
 @dataclass
@@ -119,7 +120,7 @@ def evaluate(
     num_samples: int = 5000,
     iwae_ks: Sequence[int] = DEFAULT_IWAE_KS,
     particles_elbo: int = 100,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     chunk_size: int | None = None,
     compile: bool = False,
     keep_log_weights: bool = False,
@@ -132,6 +133,8 @@ def evaluate(
     2. K = ``num_samples`` draws per point, ``chunk_size`` at a time: log p(x), the IWAE bounds
        L_k for k in ``iwae_ks`` (and K), the gap log p(x) − ELBO, ESS and PSIS k̂.
 
+    ``batch_size`` defaults to max(1, 5000 // K) points, so that a pass holds about 5000 draws
+    (for K = 5000, one point with all its draws was faster than batches of points in chunks).
     ``compile`` computes the observed sites' log-densities with ``torch.compile`` (the first call
     compiles for some seconds; worth it for K in the thousands).
     """
@@ -139,6 +142,7 @@ def evaluate(
         raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {num_samples}")
     if particles_elbo < 1:
         raise PyrovaeError(f"--particles-elbo must be at least 1, got {particles_elbo}")
+    batch_size = max(1, PASS_SIZE // num_samples) if batch_size is None else batch_size
     if batch_size < 1:
         raise PyrovaeError(f"the batch size must be at least 1, got {batch_size}")
     if len(x) == 0:

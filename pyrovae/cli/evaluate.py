@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--iwae-k", type=int, nargs="+", default=list(DEFAULT_IWAE_KS), help="k of the IWAE bounds L_k (those ≤ -k)")
     p.add_argument("--particles-elbo", type=int, default=100, help="draws per point for the ELBO, reconstruction and KL terms")
     p.add_argument("--limit", type=int, help="evaluate only the first N points of the split")
-    p.add_argument("--batch-size", type=int, default=1, help="points per pass")
+    p.add_argument("--batch-size", type=int, help="points per pass (default: max(1, 5000 // k))")
     p.add_argument("--chunk-size", type=int, help="particles per pass (default: all at once)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the observed log-density with torch.compile (eager if unavailable)")
