@@ -31,7 +31,7 @@ class LinearGaussian(nn.Module):
     def marginal(self) -> dist.MultivariateNormal:
         """p(x) = N(b, H Σ_u Hᵀ + σ² I), event (P,)."""
         H = self.observation_matrix()
-        cov = H @ self.prior_cov() @ H.T + self.noise_scale**2 * torch.eye(self.data_dim, dtype=H.dtype)
+        cov = H @ self.prior_cov() @ H.T + self.noise_scale**2 * torch.eye(self.data_dim, dtype=H.dtype, device=H.device)
         return dist.MultivariateNormal(self.b, covariance_matrix=cov)
 
     def log_px(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ class PPCA(LinearGaussian):
         self.W = nn.Parameter(torch.randn(data_dim, latent_dim) / latent_dim**0.5)
 
     def prior_cov(self) -> torch.Tensor:
-        return torch.eye(self.sites["z"], dtype=self.W.dtype)
+        return torch.eye(self.sites["z"], dtype=self.W.dtype, device=self.W.device)
 
     def observation_matrix(self) -> torch.Tensor:
         return self.W
@@ -87,7 +87,7 @@ class HierarchicalLinearGaussian(LinearGaussian):
 
     def prior_cov(self) -> torch.Tensor:
         A, D1, D2 = self.A, self.sites["z1"], self.sites["z2"]
-        eye1, eye2 = torch.eye(D1, dtype=A.dtype), torch.eye(D2, dtype=A.dtype)
+        eye1, eye2 = (torch.eye(d, dtype=A.dtype, device=A.device) for d in (D1, D2))
         return torch.cat([torch.cat([eye1, A.T], 1), torch.cat([A, A @ A.T + self.top_noise**2 * eye2], 1)], 0)
 
     def observation_matrix(self) -> torch.Tensor:

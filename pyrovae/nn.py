@@ -10,6 +10,8 @@ from typing import Sequence
 import pyro
 from torch import nn
 
+from .errors import PyrovaeError
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
 
 _counter = itertools.count()
@@ -23,7 +25,7 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
     Accepts any leading dimensions: (..., sizes[0]) → (..., sizes[-1]).
     """
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        raise PyrovaeError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
@@ -62,7 +63,8 @@ def fast_context():
     """Settings for the engine's own loops: no per-call validation of distribution arguments (the
     data are checked once when loaded), and no param-store registration (the optimizer holds the
     parameters)."""
-    with pyro.validation_enabled(False), skip_registration():
+    with pyro.validation_enabled(False), skip_registration(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)  # train_step reports it
         yield
 
 

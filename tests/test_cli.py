@@ -220,6 +220,21 @@ def test_bad_training_input_is_one_line_and_exit_2(arrays, capsys, args, pattern
     assert not (arrays / "X").exists()  # no half-made run folder
 
 
+def test_an_overflowing_gradient_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """lr 1e16: after one step the parameters are ~1e16; the next loss (~1e35) is finite, its gradient is not."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--lr", "1e16", "--hidden", "32", "32", "--activation", "tanh", "--epochs", "2", "--batch-size", "64"]
+    assert main(["train", *args, "--latent-dim", "4", "--out", "run", "--no-progress"]) == 2
+    assert_one_line_error(capsys.readouterr(), "train", r"epoch 1, step 1: the gradient became inf .*Try a smaller --lr")
+
+
+def test_a_nan_loss_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """lr 1e30: after one step the parameters are ~1e30 and the next loss is nan."""
+    monkeypatch.chdir(tmp_path)
+    assert train("--lr", "1e30", "--epochs", "1", "--batch-size", "256", "--out", "run") == 2
+    assert_one_line_error(capsys.readouterr(), "train", r"epoch 1, step \d+: the loss became nan.*Try a smaller --lr")
+
+
 @pytest.mark.parametrize("command", ["sample", "reconstruct", "interpolate"])
 def test_a_folder_without_config_is_not_a_run(tmp_path, capsys, command):
     assert main([command, str(tmp_path)]) == 2

@@ -30,7 +30,7 @@ from pyrovae.models import (
     build_model,
     build_vae,
 )
-from pyrovae.nn import mlp
+from pyrovae.nn import mlp, skip_registration
 from pyrovae.registry import Registry
 
 N, P, D = 5, 12, 4  # data points, pixels, latent dimension
@@ -234,6 +234,18 @@ def test_a_users_svi_script_trains_every_parameter(likelihood):
     assert len(pyro.get_param_store()) == len(before)
 
 
+@pytest.mark.parametrize("model_class", [PPCA, HierarchicalLinearGaussian], ids=["ppca", "hierarchical"])
+def test_svi_trains_every_parameter_of_a_linear_gaussian_model_and_guide(model_class):
+    model = model_class(P, D) if model_class is PPCA else model_class(P, 2, 3)
+    guide = LinearGaussianGuide(P, model.sites)
+    before_model, before_guide = snapshot(model), snapshot(guide)
+    svi = SVI(model.model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(torch.randn(N, P))
+    assert unchanged(model, before_model) == []
+    assert unchanged(guide, before_guide) == []
+
+
 def test_two_vaes_in_one_process_do_not_share_parameters():
     x = data_for("bernoulli", n=20)
     pyro.set_rng_seed(0)
@@ -255,12 +267,8 @@ def test_two_vaes_in_one_process_do_not_share_parameters():
     assert len(unchanged(a, after_a)) == len(after_a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: copy.deepcopy(vae) keeps the original's Pyro name (vae0.*), so SVI on the copy steps the "
-    "original's parameters in the param store and leaves the copy's untouched",
-)
 def test_a_deep_copy_trains_its_own_parameters_under_svi():
+    """A copy (e.g. to keep the best model) is a second model: it gets its own names in the param store."""
     x = data_for("bernoulli", n=20)
     original = small_vae()
     svi_steps(original, x, steps=1)  # the original's parameters are in the param store
@@ -269,6 +277,45 @@ def test_a_deep_copy_trains_its_own_parameters_under_svi():
     svi_steps(copied, x)
     assert unchanged(copied, before_copy) == []
     assert len(unchanged(original, before_original)) == len(before_original)
+    assert len(pyro.get_param_store()) == 2 * len(before_copy)
+
+
+@pytest.mark.parametrize("kind", ["vae", "ppca", "linear-guide"])
+def test_programs_register_their_parameters_under_unique_names(kind):
+    """The model registers the decoder, the guide the encoder; a second instance gets other names."""
+    store = pyro.get_param_store()
+    x = data_for("bernoulli")
+    if kind == "vae":
+        first, second = small_vae(), small_vae()
+        programs = [(lambda m: m.model, lambda m: m.decoder), (lambda m: m.guide, lambda m: m.encoder)]
+    elif kind == "ppca":
+        first, second = PPCA(P, D), PPCA(P, D)
+        programs = [(lambda m: m.model, lambda m: m)]
+    else:
+        first, second = LinearGaussianGuide(P, {"z": D}), LinearGaussianGuide(P, {"z": D})
+        programs = [(lambda m: m, lambda m: m)]
+    registered = 0
+    for program, part in programs:
+        poutine.trace(program(first)).get_trace(x)
+        params = set(part(first).parameters())
+        registered += len(params)
+        assert len(store) == registered
+        assert {id(p) for p in store.values()} >= {id(p) for p in params}  # the module's own tensors
+    names = set(store.keys())
+    for program, _ in programs:
+        poutine.trace(program(second)).get_trace(x)
+    assert len(store) == 2 * registered
+    assert names < set(store.keys())
+
+
+def test_skip_registration_keeps_the_param_store_empty():
+    vae = small_vae()
+    x = data_for("bernoulli")
+    with skip_registration():
+        poutine.trace(poutine.replay(vae.model, trace=poutine.trace(vae.guide).get_trace(x))).get_trace(x)
+    assert len(pyro.get_param_store()) == 0
+    poutine.trace(vae.guide).get_trace(x)  # and registration is back on afterwards
+    assert len(pyro.get_param_store()) == len(list(vae.encoder.parameters()))
 
 
 # ---------------------------------------------------------------- registries
