@@ -15,9 +15,10 @@ log w_k = log p(x | z_k) + log p(z_k) − log q(z_k | x), z_k ~ q(z | x), K draw
 
 Reported per method: points/s (median over interleaved repeats of the cycle a, b, c, d), the mean
 log p(x) with its standard error across points, and the largest per-point |difference| from (b)
-in combined Monte Carlo standard errors. Peak memory of (a) is measured in fresh subprocesses
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which sees torch's allocations; tracemalloc does not)
-at two chunk sizes and two K. A table is printed and JSON written to results/evaluate_speed.json.
+in combined Monte Carlo standard errors. Peak memory of (a) is measured in fresh subprocesses at two
+chunk sizes and two K: the kernel's peak resident set during the call (VmHWM, the counter behind
+``ru_maxrss``, reset just before the call), which sees torch's allocations; tracemalloc does not.
+A table is printed and JSON written to results/evaluate_speed.json.
 
 Weights: ``--checkpoint RUN`` (a pyrovae run folder), else a 784-200-200-50 tanh VAE trained here for
 ``--train-epochs`` on dynamically binarized MNIST and cached in results/. Test data: the MNIST test set,
@@ -43,20 +44,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 import pyro
 import torch
 import torch.nn.functional as F
 
 import pyrovae
 from pyrovae.data import Batches, load_dataset, static_binarized
+from pyrovae.diagnostics import KHAT_THRESHOLD
 from pyrovae.evaluate import evaluate
-from pyrovae.models import VAEConfig, build_vae
+from pyrovae.models import VAEConfig, build_model, build_vae
 from pyrovae.train import TrainConfig, fit
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_DATA_DIR = HERE.parent.parent / "shared" / "data"  # ../shared/data beside the checkout
-METHODS = ("pyrovae", "pytorch", "pyro", "pythae")
 LABELS = {
     "pyrovae": "(a) pyrovae evaluate",
     "pytorch": "(b) hand-written PyTorch",
@@ -67,38 +69,41 @@ MEMORY_RUNS = [(1000, 500), (5000, 500), (1000, 5000), (5000, 5000)]  # (K, chun
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--points", type=int, default=100, help="evaluate the first N test points")
-    p.add_argument("-k", "--samples", type=int, default=5000, help="importance samples K per point")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timing cycles over the methods (median reported)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of training, of the test set's binarization (seed + 1) and of the draws")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--points", type=int, default=100, help="evaluate the first N test points (default: %(default)s)")
+    p.add_argument("-k", "--samples", type=int, default=5000, help="importance samples K per point (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats over the methods, median reported (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training, of the test set's binarization (seed + 1) and of the draws (default: %(default)s)")
     g = p.add_argument_group("(a) pyrovae's evaluate options (unset: evaluate's defaults)")
     g.add_argument("--batch-size", type=int, help="points per pass")
     g.add_argument("--chunk-size", type=int, help="particles per pass")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate's compiled path, where this pyrovae's evaluate has a compile option")
     g = p.add_argument_group("other methods")
-    g.add_argument("--hand-chunk", type=int, default=1000, help="(b): particles per pass (measured a little faster than all K at once)")
-    g.add_argument("--pythae-batch-size", type=int, default=1000, help="(d): get_nll's batch_size (samples per pass)")
+    g.add_argument("--block", type=int, default=10, help="points per interleaved timing block (rounded up to a multiple of --batch-size; default: %(default)s)")
+    g.add_argument("--hand-chunk", type=int, help="(b): particles per pass (default: all K at once)")
+    g.add_argument("--pythae-batch-size", type=int, help="(d): get_nll's batch_size, samples per pass (default: K, its best setting)")
     g.add_argument("--no-pythae", action="store_true", help="skip (d) even if pythae is importable")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    g.add_argument("--memory-points", type=int, default=2, help="points per peak-memory run")
+    g.add_argument("--memory-points", type=int, default=2, help="points per peak-memory run (default: %(default)s)")
     g = p.add_argument_group("weights and data")
     g.add_argument("--checkpoint", type=Path, metavar="RUN", help="a pyrovae run folder to take the weights and test data from")
     g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None,
                    help="folder with the MNIST IDX files (default: ../shared/data beside the checkout, else $PYROVAE_DATA)")
-    g.add_argument("--train-epochs", type=int, default=2, help="epochs of the VAE trained (and cached in results/) without --checkpoint")
+    g.add_argument("--train-epochs", type=int, default=2, help="epochs of the VAE trained (and cached in results/) without --checkpoint (default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run: digits, small net, K=50, 4 points, 1 repeat, no memory runs, no pythae")
     p.add_argument("--out", type=Path, help="JSON output (default: results/evaluate_speed.json, results/evaluate_speed_tiny.json with --tiny)")
     p.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)  # internal: one peak-memory run
     args = p.parse_args(argv)
     if args.tiny:
-        args.samples, args.points, args.repeats = 50, 4, 1
+        args.samples, args.points, args.repeats, args.block = 50, 4, 1, 2
         args.no_memory = args.no_pythae = True
     if args.out is None:
         args.out = RESULTS / ("evaluate_speed_tiny.json" if args.tiny else "evaluate_speed.json")
-    for name in ("points", "samples", "repeats", "threads", "hand_chunk", "pythae_batch_size", "memory_points"):
+    args.hand_chunk = args.hand_chunk or args.samples
+    args.pythae_batch_size = args.pythae_batch_size or args.samples
+    for name in ("points", "samples", "repeats", "threads", "block", "hand_chunk", "pythae_batch_size", "memory_points"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -167,6 +172,7 @@ def _check_plain_vae(vae) -> None:
 
 
 # --- the methods: each maps (vae, x (N, P), K) to per-point log p(x) and its standard error, both (N,) -----
+# (pyrovae's evaluate also gives each point's PSIS k̂, kept to say which points' standard errors can be trusted)
 
 
 def log_px_from_log_w(log_w: torch.Tensor) -> tuple[float, float]:
@@ -178,7 +184,7 @@ def log_px_from_log_w(log_w: torch.Tensor) -> tuple[float, float]:
     return value.item(), stderr.item()
 
 
-def run_pyrovae(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
+def run_pyrovae(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kwargs = {"num_samples": K, "iwae_ks": (), "particles_elbo": 1}
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
@@ -187,11 +193,11 @@ def run_pyrovae(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
     if args.compile is not None:
         kwargs["compile"] = args.compile
     result = evaluate(vae.model, vae.guide, x, **kwargs)
-    return result.log_px.value, result.log_px.stderr
+    return result.log_px.value, result.log_px.stderr, result.khat
 
 
 def run_pytorch(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain eager PyTorch; the Pyro modules are called as torch modules (no Pyro handler is active)."""
+    """Plain eager PyTorch on the VAE's own encoder and decoder, called as torch modules outside any Pyro handler."""
     values, stderrs = [], []
     for xn in x:  # (P,)
         loc, scale = vae.encoder.loc_scale(xn)  # (D,), (D,)
@@ -239,26 +245,35 @@ def make_pythae(vae):
     class Encoder(BaseEncoder):
         def __init__(self):
             super().__init__()
-            self.net, self.rows = vae.encoder, 0
+            self.net, self.rows, self.last = vae.encoder, 0, None
 
         def forward(self, x):
             self.rows += x.shape[0]
             loc, scale = self.net.loc_scale(x.reshape(x.shape[0], -1))
-            return ModelOutput(embedding=loc, log_covariance=2 * scale.log())
+            self.last = (x, loc, 2 * scale.log())
+            return ModelOutput(embedding=loc, log_covariance=self.last[2])
 
     class Decoder(BaseDecoder):
-        def __init__(self):
+        def __init__(self, encoder):
             super().__init__()
-            self.net, self.rows = vae.decoder, 0
+            self.net, self.rows, self.encoder, self.record = vae.decoder, 0, [encoder], None
 
         def forward(self, z):
             self.rows += z.shape[0]
-            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
+            probs = torch.sigmoid(self.net(z))
+            if self.record is not None:  # get_nll's log-weights, by its own formulas
+                x, mu, log_var = self.encoder[0].last
+                log_q = -0.5 * (log_var + (z - mu) ** 2 / log_var.exp()).sum(-1)
+                log_p_z = -0.5 * (z**2).sum(-1)
+                log_p_x_z = -F.binary_cross_entropy(probs, x.reshape(probs.shape), reduction="none").sum(-1)
+                self.record.append(log_p_x_z + log_p_z - log_q)
+            return ModelOutput(reconstruction=probs)
 
     latent_dim = vae.encoder.latent_dim
     data_dim = vae.decoder[-1].out_features
     config = PythaeConfig(input_dim=(data_dim,), latent_dim=latent_dim, reconstruction_loss="bce")
-    return VAE(config, encoder=Encoder(), decoder=Decoder()).eval()
+    encoder = Encoder()
+    return VAE(config, encoder=encoder, decoder=Decoder(encoder)).eval()
 
 
 def run_pythae(model, x, K, args) -> tuple[torch.Tensor, None]:
@@ -268,16 +283,46 @@ def run_pythae(model, x, K, args) -> tuple[torch.Tensor, None]:
     return torch.tensor(values, dtype=torch.float64), None
 
 
+def pythae_with_stderr(model, x, K, args) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """get_nll per point with its decoder recording the log-weights it draws (by get_nll's own formulas):
+    the per-point standard error get_nll does not give, and a check that the recorded weights reproduce its value."""
+    values, stderrs, diffs, counts = [], [], [], []
+    for n in range(len(x)):
+        model.decoder.record = []
+        value = model.get_nll(x[n : n + 1], n_samples=K, batch_size=args.pythae_batch_size)
+        log_w = torch.cat(model.decoder.record)
+        model.decoder.record = None
+        recorded, stderr = log_px_from_log_w(log_w)
+        values.append(value)
+        stderrs.append(stderr)
+        diffs.append(abs(recorded - value))
+        counts.append(log_w.numel())
+    check = {"max_abs_diff_recorded_vs_get_nll": max(diffs), "samples_per_point": sorted(set(counts))}
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(stderrs, dtype=torch.float64), check
+
+
+def _block_size(args) -> int:
+    """Points per interleaved block: ``--block``, rounded up to a multiple of (a)'s batch size."""
+    batch = args.batch_size or 1
+    return -(-args.block // batch) * batch
+
+
 # --- peak memory in a fresh process -------------------------------------------------------------
 
 
 def memory_probe(path: Path) -> None:
-    """Child process: evaluate the saved points once and print {"rss_before_mib", "peak_mib"} as JSON."""
+    """Child process: evaluate the saved points once; print the RSS before and the peak RSS during the call (MiB) as JSON.
+
+    The peak is the kernel's high-water mark of the resident set (VmHWM in /proc/self/status), reset to
+    the current RSS just before the call (``echo 5 > /proc/self/clear_refs``, Linux), so the first call's
+    costs (lazy imports, any compilation) do not hide it. ``ru_maxrss`` is the same counter but also keeps
+    the peak seen when any thread exited, so it cannot be reset; it is printed as the lifetime peak.
+    """
     import resource
 
     job = torch.load(path, weights_only=True)
     torch.set_num_threads(job["threads"])
-    vae = build_vae(VAEConfig.from_dict(job["config"]))
+    vae = build_model(job["config"])
     vae.load_state_dict(job["model"])
     vae.eval()
     x = job["x"]
@@ -285,28 +330,35 @@ def memory_probe(path: Path) -> None:
     if job["compile"] is not None:
         kwargs["compile"] = job["compile"]
     with torch.no_grad():
-        evaluate(vae.model, vae.guide, x[:1], num_samples=50, chunk_size=50, **kwargs)  # lazy imports (arviz), small peak
-        rss_before = _current_rss_kib()
-        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        chunk = min(job["K"], job["chunk"])  # warm-up on the measured call's chunk shape: lazy imports (arviz), compilation
+        evaluate(vae.model, vae.guide, x[:1], num_samples=chunk, chunk_size=chunk, **kwargs)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            reset = True
+        except OSError:
+            reset = False
+        rss_before = _proc_status_kib("VmRSS")
         evaluate(vae.model, vae.guide, x, num_samples=job["K"], chunk_size=job["chunk"], **kwargs)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rss_before_mib": rss_before / 1024, "peak_before_mib": peak_before / 1024, "peak_mib": peak / 1024}))
+        peak = _proc_status_kib("VmHWM")
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"rss_before_mib": rss_before / 1024, "peak_mib": peak / 1024, "peak_reset": reset,
+                      "lifetime_ru_maxrss_mib": lifetime / 1024}))
 
 
-def _current_rss_kib() -> float:
+def _proc_status_kib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return float(line.split()[1])
     return math.nan
 
 
-def measure_memory(vae, x, args, compile_kw) -> list[dict]:
+def measure_memory(vae, config: dict, x, args, compile_kw) -> list[dict]:
     rows = []
     batch_size = args.batch_size or 1
     with tempfile.TemporaryDirectory() as tmp:
         for K, chunk in MEMORY_RUNS:
             job = Path(tmp) / "job.pt"
-            torch.save({"config": _vae_config(vae), "model": vae.state_dict(), "x": x[: args.memory_points].clone(), "K": K,
+            torch.save({"config": config, "model": vae.state_dict(), "x": x[: args.memory_points].clone(), "K": K,
                         "chunk": chunk, "batch_size": batch_size, "threads": args.threads, "compile": compile_kw}, job)
             done = subprocess.run([sys.executable, __file__, "--memory-probe", str(job)], capture_output=True, text=True)
             if done.returncode != 0:
@@ -317,13 +369,6 @@ def measure_memory(vae, x, args, compile_kw) -> list[dict]:
             print(f"  memory K={K:>5} chunk={chunk:>5}: peak RSS {m['peak_mib']:.0f} MiB, "
                   f"{rows[-1]['growth_mib']:.0f} MiB above the RSS before the call", flush=True)
     return rows
-
-
-def _vae_config(vae) -> dict:
-    """The VAEConfig dict of a pyrovae VAE built by build_vae (for the memory probe)."""
-    layers = [m for m in vae.decoder if isinstance(m, torch.nn.Linear)]
-    activation = next(name for name, cls in pyrovae.nn.ACTIVATIONS.items() if isinstance(vae.decoder[1], cls)) if len(layers) > 1 else "relu"
-    return VAEConfig(layers[-1].out_features, layers[0].in_features, tuple(m.out_features for m in layers[:-1]), activation).to_dict()
 
 
 # --- the benchmark ------------------------------------------------------------------------------
@@ -379,6 +424,7 @@ def _benchmark(args) -> int:
 
 def _measure(args, vae, x, setup, compile_kw) -> int:
     K, N = args.samples, len(x)
+    machine = machine_info()
     methods = ["pyrovae", "pytorch", "pyro"]
     notes = {}
     pythae_model = None if args.no_pythae else make_pythae(vae)
@@ -402,32 +448,61 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
         call(name, x[:1])
         warmup_s[name] = time.perf_counter() - start
 
-    seconds = {name: [] for name in methods}
-    estimates = {}
+    # Each repeat runs every method on each block of points in turn, the order rotating from block to
+    # block, so that the load of a shared machine falls on all methods alike; per block, each method's
+    # time over (b)'s on the same block is a paired ratio.
+    block = _block_size(args)
+    seconds = {name: [0.0] * args.repeats for name in methods}
+    ratios = {name: [] for name in methods}
+    parts = {name: [] for name in methods}
+    khats = []  # (a)'s PSIS k̂ per point, from its first repeat
     for rep in range(args.repeats):
-        for i, name in enumerate(methods):
-            torch.manual_seed(1000 * args.seed + 100 * rep + i)  # distinct draws per method: independent estimates
-            start = time.perf_counter()
-            values, stderrs = call(name, x)
-            seconds[name].append(time.perf_counter() - start)
-            estimates.setdefault(name, (values.double(), None if stderrs is None else stderrs.double()))
-            print(f"  repeat {rep + 1}/{args.repeats} {LABELS[name]:<40} {N / seconds[name][-1]:8.2f} points/s", flush=True)
+        for b, start_point in enumerate(range(0, N, block)):
+            xb = x[start_point : start_point + block]
+            order = methods[b % len(methods):] + methods[: b % len(methods)]
+            took = {}
+            for name in order:
+                torch.manual_seed(args.seed * 10**9 + rep * 10**6 + b * 10 + methods.index(name))  # independent draws per method
+                start = time.perf_counter()
+                values, stderrs, *khat = call(name, xb)
+                took[name] = time.perf_counter() - start
+                seconds[name][rep] += took[name]
+                if rep == 0:
+                    parts[name].append((values.double(), None if stderrs is None else stderrs.double()))
+                    if khat:
+                        khats.append(khat[0])
+            for name in methods:
+                ratios[name].append(took["pytorch"] / took[name])  # speed relative to (b)
+        print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{name} {N / seconds[name][rep]:.2f}" for name in methods)
+              + " points/s", flush=True)
+    estimates = {name: (torch.cat([v for v, _ in parts[name]]),
+                        None if parts[name][0][1] is None else torch.cat([e for _, e in parts[name]])) for name in methods}
+    pythae_check = None
+    if pythae_model is not None:  # per-point standard errors for (d): an untimed pass that records its log-weights
+        torch.manual_seed(args.seed + 7)
+        values, stderrs, pythae_check = pythae_with_stderr(pythae_model, x, K, args)
+        estimates["pythae"] = (values, stderrs)
 
     ref_v, ref_se = estimates["pytorch"]
+    khat = torch.cat(khats).double()
+    reliable = khat <= KHAT_THRESHOLD  # nan (K < 25) counts as not reliable
     results = {}
     for name in methods:
         values, stderrs = estimates[name]
         mean, se = summarize(values)
         entry = {"label": LABELS[name], "points_per_s": N / statistics.median(seconds[name]), "seconds": seconds[name],
+                 "speed_vs_pytorch": statistics.median(ratios[name]),
                  "warmup_seconds_one_point": warmup_s[name], "log_px_mean": mean, "log_px_se_across_points": se,
-                 "mean_diff_vs_pytorch": (values - ref_v).mean().item(), "per_point_log_px": values.tolist()}
+                 "mean_diff_vs_pytorch": (values - ref_v).mean().item(),
+                 "mean_diff_vs_pytorch_se_across_points": summarize(values - ref_v)[1], "per_point_log_px": values.tolist()}
         if stderrs is not None:
             entry["per_point_stderr"] = stderrs.tolist()
             entry["mc_stderr_mean"] = stderrs.mean().item()
         if name != "pytorch":
-            other = stderrs if stderrs is not None else ref_se  # pythae gives none: assume the same as (b)'s
-            z = (values - ref_v).abs() / (other**2 + ref_se**2).sqrt()
-            entry["max_abs_z_vs_pytorch"] = z.max().item()
+            z = (values - ref_v) / (stderrs**2 + ref_se**2).sqrt()
+            entry["max_abs_z_vs_pytorch"] = z.abs().max().item()
+            entry["max_abs_z_vs_pytorch_khat_le_0.7"] = z[reliable].abs().max().item() if reliable.any() else None
+            entry["sd_z_vs_pytorch"] = z.std().item() if N > 1 else None  # ≈ 1 when the standard errors are honest
         results[name] = entry
     results["pyrovae"]["options"] = {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "compile": compile_kw,
                                      "evaluate_defaults": {k: v.default for k, v in inspect.signature(evaluate).parameters.items()
@@ -439,27 +514,37 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
         bs = args.pythae_batch_size
         results["pythae"]["options"] = {"batch_size": bs, "n_samples": K}
         results["pythae"]["version"] = getattr(pythae, "__version__", None) or _dist_version("pythae")
-        points_seen = 1 + args.repeats * N
+        points_seen = 1 + (args.repeats + 1) * N  # the warm-up point, the timed repeats and the recording pass
         results["pythae"]["samples_per_point_used"] = pythae_model.decoder.rows / points_seen
         results["pythae"]["encoder_rows_per_point"] = pythae_model.encoder.rows / points_seen
+        results["pythae"]["check"] = pythae_check
         results["pythae"]["note"] = (
             "get_nll returns the mean of log p(x) (negative) under the name nll; with n_samples > batch_size it draws "
             "(n_samples // batch_size) * batch_size samples (remainder dropped), otherwise batch_size samples whatever n_samples; "
             "it re-encodes batch_size copies of each point for every pass (encoder rows per point = samples per point); "
-            "probabilities through F.binary_cross_entropy (log clamped at -100). No per-point standard error: "
-            "its z vs (b) assumes the same Monte Carlo error as (b)."
+            "probabilities through F.binary_cross_entropy (log clamped at -100). It gives no per-point standard error: "
+            "the estimates here come from an extra untimed pass whose decoder records the log-weights get_nll draws."
         )
 
     memory = []
     if not args.no_memory:
-        print("peak memory of (a), each in a fresh process (ru_maxrss):", flush=True)
-        memory = measure_memory(vae, x, args, compile_kw)
+        print("peak memory of (a), each in a fresh process (VmHWM reset before the call):", flush=True)
+        memory = measure_memory(vae, setup["model"], x, args, compile_kw)
 
-    report = {"benchmark": "evaluate_speed", "machine": machine_info(), "setup": setup,
-              "settings": {"points": N, "K": K, "repeats": args.repeats, "threads": args.threads, "seed": args.seed, "tiny": args.tiny},
+    if hasattr(os, "getloadavg"):
+        machine["load_average_at_end"] = os.getloadavg()
+    diagnostics = {"per_point_khat": khat.tolist(), "share_khat_above_0.7": (khat > KHAT_THRESHOLD).double().mean().item(),
+                   "note": "PSIS k̂ of each point's weights, from (a)'s first repeat; above 0.7 the delta-method standard "
+                           "errors understate the error (heavy-tailed weights), so z-scores there run large."}
+    report = {"benchmark": "evaluate_speed", "machine": machine, "setup": setup, "khat": diagnostics,
+              "settings": {"points": N, "K": K, "repeats": args.repeats, "block": block, "threads": args.threads, "seed": args.seed,
+                           "tiny": args.tiny},
               "methods": results, "notes": notes, "memory": memory,
-              "memory_note": "ru_maxrss (peak resident set of the process, sees torch's allocations; tracemalloc does not and is "
-                             "not used); growth = peak − RSS just before the evaluate call, after a small warm-up call."}
+              "memory_note": "peak = VmHWM, the kernel's peak resident set (the counter behind ru_maxrss; it sees torch's "
+                             "allocations, tracemalloc does not and is not used), reset to the current RSS via /proc/self/clear_refs "
+                             "just before the measured evaluate call (after a small warm-up call); growth = peak − RSS just before "
+                             "the call. ru_maxrss itself also keeps the peak of exited threads, so it cannot be reset: it is "
+                             "recorded as lifetime_ru_maxrss_mib."}
     print()
     print(format_table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -479,28 +564,34 @@ def _dist_version(name: str) -> str | None:
 
 def format_table(report: dict) -> str:
     s = report["settings"]
-    lines = [f"log p(x), importance sampled, K = {s['K']}, {s['points']} points, {s['threads']} threads "
-             f"({report['machine']['cpu']}); points/s: median of {s['repeats']}",
-             f"{'method':<40} {'points/s':>9} {'× (b)':>6}  {'log p(x) mean ± s.e.':>21}  {'mean Δ vs (b)':>13}  {'max |z| vs (b)':>14}"]
-    ref = report["methods"]["pytorch"]["points_per_s"]
+    lines = [f"log p(x), importance sampled, K = {s['K']}, {s['points']} points, {s['threads']} torch threads, {report['machine']['cpu']}",
+             f"points/s: median of {s['repeats']} repeats; × (b): median over blocks of {s['block']} points of (b)'s time / the method's",
+             f"{'method':<40} {'points/s':>9} {'× (b)':>6}  {'log p(x) mean ± s.e.':>21}  {'mean Δ vs (b)':>13}  {'max |z| vs (b): all, k̂≤0.7':>27}"]
     for name, m in report["methods"].items():
-        z = m.get("max_abs_z_vs_pytorch")
-        lines.append(f"{m['label']:<40} {m['points_per_s']:>9.2f} {m['points_per_s'] / ref:>6.2f}  "
-                     f"{m['log_px_mean']:>11.3f} ± {m['log_px_se_across_points']:<7.3f}  {m['mean_diff_vs_pytorch']:>+13.4f}  "
-                     f"{'—' if z is None else f'{z:.2f}':>14}")
+        z = "—" if "max_abs_z_vs_pytorch" not in m else f"{m['max_abs_z_vs_pytorch']:.2f}, " + _fmt(m["max_abs_z_vs_pytorch_khat_le_0.7"])
+        lines.append(f"{m['label']:<40} {m['points_per_s']:>9.2f} {m['speed_vs_pytorch']:>6.2f}  "
+                     f"{m['log_px_mean']:>11.3f} ± {m['log_px_se_across_points']:<7.3f}  {m['mean_diff_vs_pytorch']:>+13.4f}  {z:>27}")
+    sds = ", ".join(f"{name} {_fmt(m['sd_z_vs_pytorch'])}" for name, m in report["methods"].items() if "sd_z_vs_pytorch" in m)
+    lines.append(f"PSIS k̂ > 0.7 (from (a)'s weights) at {report['khat']['share_khat_above_0.7']:.0%} of the points; "
+                 f"sd of z vs (b) (≈ 1 for honest standard errors): {sds}")
     for name, note in report["notes"].items():
         lines.append(f"{LABELS[name]}: {note}")
     if "pythae" in report["methods"]:
         m = report["methods"]["pythae"]
-        lines.append(f"pythae {m['version']}: get_nll(n_samples={s['K']}, batch_size={m['options']['batch_size']}) used "
-                     f"{m['samples_per_point_used']:.0f} samples and encoded {m['encoder_rows_per_point']:.0f} rows per point")
+        lines.append(f"pythae {m['version']}: get_nll(n_samples={s['K']}, batch_size={m['options']['batch_size']}) drew "
+                     f"{m['samples_per_point_used']:.0f} samples and encoded {m['encoder_rows_per_point']:.0f} rows per point; "
+                     f"its recorded log-weights reproduce its value to {m['check']['max_abs_diff_recorded_vs_get_nll']:.1e} nats")
     if report["memory"]:
-        lines.append("peak memory of (a), fresh process each, ru_maxrss:")
+        lines.append("peak memory of (a), fresh process each (peak RSS during the call, VmHWM reset before it):")
         lines.append(f"  {'K':>5} {'chunk':>6} {'peak RSS MiB':>13} {'growth MiB':>11}")
         for r in report["memory"]:
             lines.append(f"  {r['K']:>5} {r['chunk_size']:>6} {r['peak_mib']:>13.0f} {r['growth_mib']:>11.0f}")
     lines.append("s.e. across points (data variation); z: per-point difference over the combined Monte Carlo standard errors.")
     return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
 if __name__ == "__main__":

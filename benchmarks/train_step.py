@@ -143,7 +143,10 @@ def main(argv=None) -> None:
         args.synthetic, args.rounds, args.steps, args.warmup = True, 1, 3, 1
     torch.set_num_threads(args.threads)
     settings = [((400,), 128), ((400,), 256), ((200, 200), 128), ((200, 200), 256)]
-    rows = [bench(args, hidden, b) for hidden, b in (settings[:1] if args.tiny else settings)]
+    rows = []
+    for hidden, b in settings[:1] if args.tiny else settings:
+        rows.append(bench(args, hidden, b))
+        print(f"measured {rows[-1]['net']} batch {b}: {rows[-1]['ms_per_step']}", flush=True)
     print("ms per step (ratio to hand-written torch with default Adam); last column: pyrovae / torch with fused Adam")
     print(f"{'net':<16} {'batch':>5} {'torch':>7} {'torch fused':>17} {'naive pyro':>17} {'pyrovae':>17} {'vs fused':>9}")
     for r in rows:

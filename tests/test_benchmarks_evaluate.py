@@ -27,5 +27,6 @@ def test_evaluate_speed_tiny_runs_and_methods_agree(tmp_path, capsys):
         assert m["log_px_mean"] < 0, name
     for name in ("pyrovae", "pyro"):  # per point, in combined Monte Carlo standard errors
         assert methods[name]["max_abs_z_vs_pytorch"] < 4, (name, methods[name])
+    assert len(report["khat"]["per_point_khat"]) == 4
     assert report["machine"]["torch_threads"] == report["settings"]["threads"]
     assert "(a) pyrovae evaluate" in capsys.readouterr().out
