@@ -92,7 +92,7 @@ def _fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
         try:
             return _compiled_log_prob(fn, value)
         except Exception as e:  # no C compiler, an unsupported distribution, …
-            log.warning("torch.compile of the observed log-density failed (%s); continuing in eager mode", e)
+            log.warning("torch.compile of a log-density failed (%s); continuing in eager mode", e)
             _compiled_log_prob = _log_prob
     return fn.log_prob(value)
 
@@ -123,8 +123,8 @@ def site_log_probs(
     ``model(x, *args, **kwargs)`` and ``guide(x, *args, **kwargs)`` are called once each; the
     result's tensors are (K, N). Densities are unscaled (subsampling scales are ignored).
     ``analytic_kl``: also compute KL(q_s ‖ p_s) in closed form per latent site where one exists.
-    ``compiled``: compute the observed sites' log-densities with ``torch.compile`` (the costly part
-    of a pass for image likelihoods: K × N × P terms), falling back to eager mode.
+    ``compiled``: compute the log-densities with ``torch.compile`` (one fused kernel per site; the
+    observed site's K × N × P terms are the costly part for images), falling back to eager mode.
     """
     N = x.shape[0]
     shape = torch.Size([num_particles, N])
@@ -142,8 +142,8 @@ def site_log_probs(
             raise ContractError(f"the guide does not sample latent site {name!r} of the model: a guide must sample every latent site")
         q_site = guide_trace.nodes[name]
         _check_data_plate(name, q_site, "guide")
-        terms.log_prior[name] = _unscaled_log_prob(name, site, shape)
-        terms.log_q[name] = _unscaled_log_prob(name, q_site, shape)
+        terms.log_prior[name] = _unscaled_log_prob(name, site, shape, compiled)
+        terms.log_q[name] = _unscaled_log_prob(name, q_site, shape, compiled)
         terms.kl_analytic[name] = _kl(q_site["fn"], site["fn"], shape) if analytic_kl else None
     if not terms.log_likelihood:
         raise ContractError("the model has no observed site: observe the data with pyro.sample(..., obs=x)")
