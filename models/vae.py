@@ -11,7 +11,7 @@ Guide: q_φ(z_n | x_n) = N(μ_φ(x_n), diag σ_φ(x_n)²). Site shapes for a bat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import pyro

@@ -10,7 +10,8 @@ the K × batch log-weights that PSIS needs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -212,13 +213,10 @@ def evaluate(
 
 
 def to_inference_data(evaluation: Evaluation):
-    """Per-point log-weights and diagnostics as an arviz ``InferenceData`` (group ``log_likelihood``
-    holds log w with dims (chain=1, draw=K, point=N); ``sample_stats`` holds ESS and k̂ per point)."""
-    import warnings
-
-    import numpy as np
-
-    with warnings.catch_warnings():
+    """Per-point log-weights and diagnostics as an arviz ``InferenceData``: group ``log_likelihood``
+    holds log w with dims (chain=1, draw=K, point=N); ``observed_data`` holds log p(x), the ELBO,
+    ESS and k̂ per point."""
+    with warnings.catch_warnings():  # arviz 0.23 warns at import
         warnings.simplefilter("ignore")
         import arviz as az
     if evaluation.log_w is None:

@@ -3,7 +3,6 @@
 import gzip
 import io
 import math
-import os
 import re
 import struct
 import sys
