@@ -37,5 +37,5 @@ def mnist_dir() -> Path:
         message = f"MNIST not found at {root}; set PYROVAE_TEST_DATA to the folder holding MNIST/raw"
         if os.environ.get("CI"):
             pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip(reason=message)
     return root
