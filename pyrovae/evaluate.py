@@ -173,7 +173,8 @@ def evaluate(
                 put_estimate(f"kl_mc/{site}", rows, kl.monte_carlo)
                 put_estimate(f"kl_analytic/{site}", rows, kl.analytic)
                 put(f"kl_z/{site}", rows, kl.z_score)
-            log_w = log_weights(model, guide, xb, num_samples, chunk_size, analytic_kl=False, compiled=compile).log_w.double()  # (K, B)
+            log_w = log_weights(model, guide, xb, num_samples, chunk_size, analytic_kl=False, compiled=compile,
+                                on_chunk=lambda k: bar.update(len(xb) * k / num_samples)).log_w.double()  # (K, B)
             for k in ks:
                 put_estimate(f"iwae/{k}", rows, estimators.iwae_bound(log_w, k))
             log_px = estimators.log_px(log_w)
@@ -185,7 +186,6 @@ def evaluate(
             put("khat", rows, rel.khat)
             if keep_log_weights:
                 log_ws.append(log_w.cpu())
-            bar.update(len(xb))
 
     def estimate(key: str) -> Estimate:
         return Estimate(out[key], out[key + "_stderr"])

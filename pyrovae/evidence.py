@@ -152,23 +152,24 @@ def site_log_probs(
 
 def log_weights(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int | None = None, *args,
-    analytic_kl: bool = True, compiled: bool = False, **kwargs,
+    analytic_kl: bool = True, compiled: bool = False, on_chunk: Callable[[int], None] | None = None, **kwargs,
 ) -> SiteLogProbs:
     """:func:`site_log_probs` for K = ``num_particles``, computed ``chunk_size`` particles at a time.
 
     Memory for the model's activations is bounded by chunk × N whatever K is; the result holds
     K × N numbers per site. Chunks are independent draws, so chunked and unchunked results agree
-    in distribution, and exactly for the same random stream when the guide draws one particle at a time.
+    in distribution. ``on_chunk(k)`` is called after each chunk of k particles (for progress bars).
     """
     if num_particles < 1:
         raise PyrovaeError(f"the number of particles must be at least 1, got {num_particles}")
     chunk_size = num_particles if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise PyrovaeError(f"the chunk size must be at least 1, got {chunk_size}")
+    chunks = []
     with torch.inference_mode():
-        chunks = [
-            site_log_probs(model, guide, x, min(chunk_size, num_particles - start), *args,
-                           analytic_kl=analytic_kl, compiled=compiled, **kwargs)
-            for start in range(0, num_particles, chunk_size)
-        ]
+        for start in range(0, num_particles, chunk_size):
+            size = min(chunk_size, num_particles - start)
+            chunks.append(site_log_probs(model, guide, x, size, *args, analytic_kl=analytic_kl, compiled=compiled, **kwargs))
+            if on_chunk is not None:
+                on_chunk(size)
     return chunks[0] if len(chunks) == 1 else SiteLogProbs.cat(chunks)

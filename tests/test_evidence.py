@@ -71,8 +71,10 @@ def test_exact_posterior_makes_every_estimate_exact(oracle):
 def test_exact_posterior_chunked_equals_unchunked(oracle):
     model, x, exact = oracle
     guide = exact_guide(model)
-    chunked = log_weights(model.model, guide, x, 50, chunk_size=7).log_w  # 7 does not divide 50
+    sizes = []
+    chunked = log_weights(model.model, guide, x, 50, chunk_size=7, on_chunk=sizes.append).log_w  # 7 does not divide 50
     assert chunked.shape == (50, N)
+    assert sizes == [7] * 7 + [1]
     torch.testing.assert_close(chunked, log_weights(model.model, guide, x, 50).log_w, atol=1e-10, rtol=0)
 
 
