@@ -47,6 +47,8 @@ class Run:
         if path.exists() and any(path.iterdir()):
             if not overwrite:
                 raise PyrovaeError(f"run folder {path} already exists: pass --resume to continue it or --overwrite to replace it")
+            if not (path / CONFIG).is_file():
+                raise PyrovaeError(f"refusing to overwrite {path}: it is not empty and not a run folder (no {CONFIG})")
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path, config)

@@ -360,3 +360,13 @@ def test_train_one_epoch_on_mnist(mnist_dir, tmp_path, monkeypatch):
     assert math.isfinite(history[1]["train_elbo"])
     assert history[1]["test_elbo"] > history[0]["test_elbo"] + 100  # starts near -545 nats (784 fair coins)
     assert image_size(tmp_path / "run" / "samples.png") == grid_size(64, 8, 28, 28)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("precious")
+    code = main(["train", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--out", "notes", "--overwrite", "--no-progress"])
+    assert code == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
