@@ -1,8 +1,9 @@
 """Evaluation of a trained (model, guide) pair on a data set: every estimator, per data point.
 
-For each point, K draws z_k ~ q(z | x) give the log-weights from which come the ELBO (split into
-reconstruction and per-site KL), the IWAE bounds L_k, the importance-sampled log p(x), the gap
-log p(x) − ELBO and the reliability of the weights (ESS, PSIS k̂). Points are processed a batch
+For each point, one set of draws z ~ q(z | x) gives the ELBO (split into reconstruction and
+per-site KL), and an independent set of K draws gives the log-weights from which come the IWAE
+bounds L_k, the importance-sampled log p(x), the gap log p(x) − ELBO and the reliability of the
+weights (ESS, PSIS k̂). Points are processed a batch
 at a time and particles a chunk at a time, so memory is bounded by chunk × batch activations plus
 the K × batch log-weights that PSIS needs.
 """
@@ -132,7 +133,7 @@ def evaluate(
 
     ``batch_size`` defaults to max(1, 5000 // K) points, so that a pass holds about 5000 draws
     (for K = 5000, one point with all its draws was faster than batches of points in chunks).
-    ``compile`` computes the observed sites' log-densities with ``torch.compile`` (the first call
+    ``compile`` computes every site's log-density with ``torch.compile`` (the first call
     compiles for some seconds; worth it for K in the thousands).
     """
     if num_samples < 1:

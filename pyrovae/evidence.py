@@ -38,7 +38,7 @@ class SiteLogProbs:
     log_likelihood: dict[str, torch.Tensor]  # observed sites: log p(x | parents)
     log_prior: dict[str, torch.Tensor]  # latent sites: log p(z_s | parents)
     log_q: dict[str, torch.Tensor]  # latent sites: log q(z_s | x, …)
-    kl_analytic: dict[str, torch.Tensor | None] = field(default_factory=dict)  # KL(q_s ‖ p_s) given the particle's parents; None: no closed form
+    kl_analytic: dict[str, torch.Tensor | None] = field(default_factory=dict)  # KL(q_s ‖ p_s) given the particle's parents; None: no closed form, or not asked for
 
     @property
     def log_w(self) -> torch.Tensor:

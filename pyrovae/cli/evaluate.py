@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help="points per pass (default: max(1, 5000 // k))")
     p.add_argument("--chunk-size", type=int, help="particles per pass (default: all at once)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the observed log-density with torch.compile (eager if unavailable)")
+                   help="compile the sites' log-densities with torch.compile (eager if unavailable)")
     p.add_argument("--json", type=Path, help="write the summary and per-point values here")
     p.add_argument("--netcdf", type=Path, help="write per-point log-weights and diagnostics as arviz InferenceData")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
