@@ -8,7 +8,7 @@ from pyrovae.registry import Registry
 from .likelihoods import LIKELIHOODS, Bernoulli, ContinuousBernoulli
 from .linear_gaussian import PPCA, HierarchicalLinearGaussian, LinearGaussian
 from .priors import PRIORS, StandardNormal
-from .vae import VAE, VAEConfig, build_vae
+from .vae import VAE, VAEConfig, build_vae, vae
 
 MODELS = Registry("model")
 MODELS.register("vae")(lambda config: build_vae(VAEConfig.from_dict(config)))
@@ -20,7 +20,7 @@ def build_model(config: dict):
 
 
 __all__ = [
-    "MODELS", "build_model", "VAE", "VAEConfig", "build_vae",
+    "MODELS", "build_model", "VAE", "VAEConfig", "build_vae", "vae",
     "PRIORS", "StandardNormal", "LIKELIHOODS", "Bernoulli", "ContinuousBernoulli",
     "LinearGaussian", "PPCA", "HierarchicalLinearGaussian",
 ]

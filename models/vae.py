@@ -18,7 +18,7 @@ import pyro
 import torch
 from torch import nn
 
-from pyrovae.guides import DiagonalGaussianEncoder
+from pyrovae.guides import GUIDES
 from pyrovae.nn import mlp, register
 
 from .likelihoods import LIKELIHOODS
@@ -33,6 +33,7 @@ class VAEConfig:
     activation: Literal["relu", "tanh", "softplus", "elu"] = "relu"
     likelihood: str = "bernoulli"  # see LIKELIHOODS.names()
     prior: str = "normal"  # see PRIORS.names()
+    guide: str = "diagonal"  # see GUIDES.names()
 
     def to_dict(self) -> dict:
         return {"name": "vae", **asdict(self), "hidden": list(self.hidden)}
@@ -70,10 +71,33 @@ class VAE(nn.Module):
 
 
 def build_vae(config: VAEConfig) -> VAE:
-    """The VAE a config describes: MLP decoder D → hidden → P, mirrored MLP encoder."""
+    """The VAE a config describes: MLP decoder D → hidden → P (× the likelihood's parameters per
+    value), and the guide, prior and likelihood named in it, built through their registries."""
+    likelihood = LIKELIHOODS.build(config.likelihood, data_dim=config.data_dim)
+    out_dim = config.data_dim * getattr(likelihood, "params_per_dim", 1)
+    encoder = GUIDES.build(config.guide, data_dim=config.data_dim, latent_dim=config.latent_dim,
+                           hidden=config.hidden[::-1], activation=config.activation)
     return VAE(
-        encoder=DiagonalGaussianEncoder(config.data_dim, config.latent_dim, config.hidden[::-1], config.activation),
-        decoder=mlp([config.latent_dim, *config.hidden, config.data_dim], config.activation),
-        prior=PRIORS[config.prior](config.latent_dim),
-        likelihood=LIKELIHOODS[config.likelihood](),
+        encoder=encoder,
+        decoder=mlp([config.latent_dim, *config.hidden, out_dim], config.activation),
+        prior=PRIORS.build(config.prior, latent_dim=config.latent_dim, data_dim=config.data_dim, encoder=encoder),
+        likelihood=likelihood,
     )
+
+
+def vae(
+    data_dim: int,
+    image_shape: tuple[int, ...] | None = None,
+    latent_dim: int = 50,
+    hidden: tuple[int, ...] = (400,),
+    activation: str = "relu",
+    likelihood: str = "bernoulli",
+    prior: str = "normal",
+    guide: str = "diagonal",
+) -> VAE:
+    """The built-in VAE as a model factory (``pyrovae train --model pyrovae.models:vae``, the default).
+
+    Called as every factory is, ``vae(data_dim=P, image_shape=(C, H, W) or None, **model_args)``;
+    the other arguments are the fields of :class:`VAEConfig`.
+    """
+    return build_vae(VAEConfig(data_dim, latent_dim, tuple(hidden), activation, likelihood, prior, guide))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Generic, TypeVar
 
 from .errors import PyrovaeError
@@ -38,8 +39,30 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}"
             ) from None
 
+    def build(self, name: str, **context) -> T:
+        """Call the constructor registered as ``name`` with the keyword arguments of ``context``
+        that it accepts (all of them if it takes ``**kwargs``): a prior that needs only
+        ``latent_dim`` need not declare ``data_dim`` or ``encoder``."""
+        constructor = self[name]
+        parameters = inspect.signature(constructor).parameters.values()
+        kinds = {p.kind for p in parameters}
+        if inspect.Parameter.VAR_KEYWORD not in kinds or inspect.Parameter.VAR_POSITIONAL in kinds:  # (*args, **kwargs): nn.Module's own
+            names = {p.name for p in parameters}
+            context = {k: v for k, v in context.items() if k in names}
+        return constructor(**context)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, first sentence of the constructor's docstring) for each entry."""
+        return [(name, _first_sentence(self._entries[name])) for name in self.names()]
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+
+def _first_sentence(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    first = doc.split("\n\n", 1)[0].replace("\n", " ").strip()
+    return first.split(". ", 1)[0].rstrip(".") if first else ""
