@@ -1,4 +1,4 @@
-"""Data sets and minibatches, held in memory as float tensors in [0, 1].
+"""Data sets and minibatches, held in memory as float tensors (pictures in [0, 1]).
 
 :func:`load_dataset` returns a :class:`Dataset` for a known name ("digits",
 "mnist", "fashion-mnist") or for a user's ``.npz``/``.npy`` file.
@@ -16,6 +16,7 @@ References:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import zipfile
@@ -42,7 +43,7 @@ _TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 @dataclass
 class Dataset:
-    """A data set as flattened float32 tensors with values in [0, 1].
+    """A data set as flattened float32 tensors (pictures with values in [0, 1]).
 
     train: (N, P); test: (M, P); image_shape: (C, H, W) with C*H*W = P for
     pictures, None for plain vectors; train_labels (N,) and test_labels (M,):
@@ -123,6 +124,15 @@ def check_binary(x: torch.Tensor, what: str = "data") -> None:
         )
 
 
+def check_binarizable(x: torch.Tensor, binarization: str) -> None:
+    """Raise DataError if x is to be binarized but has values outside [0, 1]."""
+    if binarization != "none" and not ((x >= 0) & (x <= 1)).all():
+        raise DataError(
+            f"{binarization} binarization needs values in [0, 1], got min {x.min().item():g}, "
+            f"max {x.max().item():g}: rescale the data (e.g. divide 0..255 pixels by 255)"
+        )
+
+
 class Batches:
     """Minibatches served from a tensor held in memory (no DataLoader).
 
@@ -158,11 +168,7 @@ class Batches:
             raise DataError(f"batch size {batch_size} is larger than the {n} training points: choose at most {n}")
         if batch_size < 1:
             raise DataError(f"batch size {batch_size} is not positive: choose between 1 and the {n} training points")
-        if binarization != "none" and not ((x >= 0) & (x <= 1)).all():
-            raise DataError(
-                f"{binarization} binarization needs values in [0, 1], got min {x.min().item():g}, "
-                f"max {x.max().item():g}: rescale the data (e.g. divide 0..255 pixels by 255)"
-            )
+        check_binarizable(x, binarization)
         if binarization == "static":
             x = static_binarized(x, seed)
         device = x.device if device is None else torch.device(device)
@@ -171,6 +177,7 @@ class Batches:
         self.binarization = binarization
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self._seed = seed
         self._order_rng = torch.Generator().manual_seed(seed)
         self._draw_rng = None
         if binarization == "dynamic":  # its own stream, independent of the shuffling
@@ -199,6 +206,14 @@ class Batches:
             self._next = i + 1
             yield idx, xb
 
+    def peek(self, n: int = 8) -> torch.Tensor:
+        """The first n rows as a batch would serve them (binarized, if so, by a generator of its own),
+        without touching the epoch's order or the random streams: for checks before training."""
+        x = self.x[:n]
+        if self._draw_rng is not None:
+            x = binarize(x.cpu(), torch.Generator().manual_seed(_substream_seed(self._seed) + 1)).to(x.device)
+        return x
+
     def state_dict(self) -> dict:
         """Random states and position in the epoch, as tensors and ints (fit for ``torch.save``)."""
         mid_epoch = self._order is not None and self._next < len(self)
@@ -218,9 +233,15 @@ class Batches:
                 f"batch state saved for {state['n']} points in batches of {state['batch_size']} cannot resume "
                 f"{self.x.shape[0]} points in batches of {self.batch_size}: use the same data and batch size"
             )
-        self._order_rng.set_state(state["order_rng"])
+        # a generator's state is a CPU byte tensor, whatever device the checkpoint was loaded onto
+        self._order_rng.set_state(state["order_rng"].cpu())
         if self._draw_rng is not None and state["draw_rng"] is not None:
-            self._draw_rng.set_state(state["draw_rng"])
+            draw_state = state["draw_rng"].cpu()
+            if draw_state.numel() == self._draw_rng.get_state().numel():
+                self._draw_rng.set_state(draw_state)
+            else:  # saved by a generator of another device type (CPU ↔ CUDA): continue on a stream derived from it
+                seed = int.from_bytes(hashlib.sha256(draw_state.numpy().tobytes()).digest()[:8], "little")
+                self._draw_rng.manual_seed(seed)
         self._resume = state["order"] is not None
         self._order = None if state["order"] is None else state["order"].to(self.x.device)
         self._next = state["next"]
@@ -384,11 +405,14 @@ def _load_array_file(path, test_fraction, seed):
 
 
 def _checked_array(a, what):
-    """A user's array as an (N, P) float32 tensor in [0, 1], and its (C, H, W) or None."""
+    """A user's array as an (N, P) float32 tensor of finite values, and its (C, H, W) or None.
+
+    The range is the likelihood's business: the model's observed site checks its support at start-up
+    (pixels must be in [0, 1] for a Bernoulli or continuous Bernoulli, any real for a Gaussian)."""
     if a.size == 0:
         raise DataError(f"{what} is empty (shape {a.shape})")
     if a.dtype.kind not in "biuf":
-        raise DataError(f"{what} has dtype {a.dtype}: expected numbers in [0, 1]")
+        raise DataError(f"{what} has dtype {a.dtype}: expected numbers")
     shape = a.shape
     if a.ndim == 2:
         side = math.isqrt(shape[1])
@@ -403,13 +427,5 @@ def _checked_array(a, what):
     x = a.reshape(len(a), -1).astype(np.float32, order="C")  # (N, P), a copy
     n_bad = int((~np.isfinite(x)).sum())
     if n_bad:
-        raise DataError(f"{what} has {n_bad} NaN or infinite values: the data must be finite, in [0, 1]")
-    n_out = int(((x < 0) | (x > 1)).sum())
-    if n_out:
-        low, high = float(x.min()), float(x.max())
-        hint = "; for 0..255 pixel values divide by 255" if low >= 0 and high <= 255 else ""
-        raise DataError(
-            f"{what} has {n_out} of {x.size} values outside [0, 1] (min {low:g}, max {high:g}): "
-            f"rescale the data to [0, 1]{hint}"
-        )
+        raise DataError(f"{what} has {n_bad} NaN or infinite values: the data must be finite")
     return torch.from_numpy(x), tuple(int(s) for s in image_shape) if image_shape else None

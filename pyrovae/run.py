@@ -1,69 +1,133 @@
 """A run folder: everything one training run leaves behind, and how to pick it up again.
 
-    RUN/config.json        model, data and training settings (enough to rebuild everything)
-    RUN/metrics.jsonl      one line per epoch: train_elbo, test_elbo (nats per point), seconds
-    RUN/checkpoint.pt      parameters, optimizer state, batch order state, epoch (written atomically)
+    RUN/config.json        model (factory and arguments), data (source, held-out split, binarization)
+                           and training settings: enough to rebuild everything
+    RUN/model.py           a copy of the user's model file, when the model came from one
+    RUN/metrics.jsonl      one line per epoch: train_elbo, test_elbo (nats per point), seconds; the
+                           line of epoch 0 is the untrained model (its train_elbo is null)
+    RUN/checkpoint.pt      parameters (every one the ELBO trains), optimizer state, batch order and
+                           random states, epoch (written atomically; an epoch-0 one before training)
     RUN/samples.png, reconstructions.png, interpolations.png, loss.png
+
+The held-out split is made once, when the run starts (``data.split_seed``, ``data.test_fraction``),
+and every command that reads the run uses that split; ``data.heldout_sha256`` lets them check that
+the held-out data have not changed since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from . import checkpoint
-from .data import Dataset, check_binary, load_dataset, static_binarized
+from . import checkpoint, factory, params as parameters
+from .data import Dataset, load_dataset, static_binarized
 from .errors import PyrovaeError
 
-CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint.pt"
+CONFIG, METRICS, CHECKPOINT, MODEL_FILE = "config.json", "metrics.jsonl", "checkpoint.pt", "model.py"
+LEGACY_SPLIT_NOTE = ("note: {path} was written before splits were recorded: it trained on the seed-0 split "
+                     "whatever its seed, and is evaluated on that split")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``, checked against what this machine has."""
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA where present), checked against this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise PyrovaeError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+        raise PyrovaeError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type not in ("cpu", "cuda"):
-        raise PyrovaeError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+        raise PyrovaeError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PyrovaeError(f"device {name!r} asked for, but CUDA is not available on this machine: use --device cpu")
     return device
+
+
+def heldout_sha256(x: torch.Tensor) -> str:
+    """A fingerprint of held-out data (N, P), to tell whether two runs are evaluated on the same points."""
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that it is either the old or the new content, mode 0644 under the umask."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass
 class Run:
     path: Path
     config: dict  # {"model": {...}, "data": {...}, "train": {...}}
+    notes: list[str] = field(default_factory=list)  # one-line remarks for the user (the CLI prints them)
+    replaces: Path | None = None  # with --overwrite: the old folder, replaced once this run has a checkpoint
+    _data: Dataset | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, path: str | Path, config: dict, overwrite: bool = False) -> "Run":
+        """A new run folder. With ``overwrite``, an existing run folder is kept until :meth:`commit`
+        (after the new run's first trained checkpoint); the new run is written beside it until then."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise PyrovaeError(f"--out {path} is a file, not a folder: choose another --out")
         if path.exists() and any(path.iterdir()):
             if not overwrite:
                 raise PyrovaeError(f"run folder {path} already exists: pass --resume to continue it or --overwrite to replace it")
             if not (path / CONFIG).is_file():
                 raise PyrovaeError(f"refusing to overwrite {path}: it is not empty and not a run folder (no {CONFIG})")
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path, config)
+            staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+            os.chmod(staging, 0o777 & ~_umask())
+            run = cls(staging, config, replaces=path)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            run = cls(path, config)
         run.save_config()
         return run
+
+    def commit(self) -> None:
+        """Put this run in the place of the folder it replaces (no-op if it replaces none)."""
+        if self.replaces is None:
+            return
+        old = Path(tempfile.mkdtemp(dir=self.replaces.parent, prefix=f".{self.replaces.name}.old-"))
+        os.replace(self.replaces, old / "run")
+        os.replace(self.path, self.replaces)
+        shutil.rmtree(old)
+        self.path, self.replaces = self.replaces, None
+
+    def discard(self) -> None:
+        """Remove a new run that never got to replace the old one (the old one stays)."""
+        if self.replaces is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise PyrovaeError(f"{path} is not a run folder (no {CONFIG}): give the folder that pyrovae train wrote")
-        return cls(path, json.loads((path / CONFIG).read_text()))
+        try:
+            config = json.loads((path / CONFIG).read_text())
+            config["model"], config["data"], config["train"]  # noqa: B018 - the three sections exist
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise PyrovaeError(f"{path / CONFIG} is corrupt ({type(e).__name__}: {e}): it cannot be read as a run's config") from None
+        return cls(path, config)
 
     def save_config(self) -> None:
-        (self.path / CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
+        write_text_atomic(self.path / CONFIG, json.dumps(self.config, indent=2) + "\n")
 
     # metrics
     def append_metrics(self, metrics: dict) -> None:
@@ -74,11 +138,17 @@ class Run:
         file = self.path / METRICS
         return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.exists() else []
 
+    def truncate_metrics(self, epoch: int) -> None:
+        """Drop metric lines after ``epoch`` (written after the last checkpoint of an interrupted run)."""
+        kept = [m for m in self.metrics() if m["epoch"] <= epoch]
+        write_text_atomic(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
+
     # checkpoints
-    def save_checkpoint(self, module: nn.Module, optimizer: torch.optim.Optimizer, batches, epoch: int) -> None:
+    def save_checkpoint(self, model, params: dict, optimizer: torch.optim.Optimizer, batches, epoch: int) -> None:
         state = {
+            "format": 2,
             "epoch": epoch,
-            "model": module.state_dict(),
+            **parameters.state_dict(model, params),
             "optimizer": optimizer.state_dict(),
             "batches": batches.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -86,18 +156,36 @@ class Run:
         }
         checkpoint.save_atomic(state, self.path / CHECKPOINT)
 
-    def load_checkpoint(self, device: torch.device | str = "cpu") -> dict:
-        return checkpoint.load(self.path / CHECKPOINT, map_location=device)
+    def load_checkpoint(self) -> dict:
+        """The checkpoint, every tensor on the CPU (loading copies them to the model's device)."""
+        return checkpoint.load(self.path / CHECKPOINT, map_location="cpu")
 
-    def truncate_metrics(self, epoch: int) -> None:
-        """Drop metric lines after ``epoch`` (written after the last checkpoint of an interrupted run)."""
-        kept = [m for m in self.metrics() if m["epoch"] <= epoch]
-        (self.path / METRICS).write_text("".join(json.dumps(m) + "\n" for m in kept))
+    # data
+    @property
+    def split_seed(self) -> int:
+        return self.config["data"].get("split_seed", 0)
 
-    # data and model
     def dataset(self) -> Dataset:
+        """The run's data set, split as it was when the run started (loaded once)."""
+        if self._data is None:
+            self._data = self._load_dataset()
+        return self._data
+
+    def _load_dataset(self) -> Dataset:
         d = self.config["data"]
-        return load_dataset(d["dataset"], d.get("data_dir"), download=d.get("download", False), seed=d.get("seed", 0))
+        if "split_seed" not in d:
+            note = LEGACY_SPLIT_NOTE.format(path=self.path)
+            if note not in self.notes:
+                self.notes.append(note)
+        data = load_dataset(d["dataset"], d.get("data_dir"), download=d.get("download", False),
+                            test_fraction=d.get("test_fraction", 0.2), seed=self.split_seed)
+        recorded = d.get("heldout_sha256")
+        if recorded is not None and recorded != heldout_sha256(data.test):
+            raise PyrovaeError(
+                f"the held-out data of {d['dataset']} are not those {self.path} was trained beside (their "
+                "SHA-256 differs from the one in its config.json): the data file or split has changed"
+            )
+        return data
 
     def eval_split(self, data: Dataset, split: str = "test") -> torch.Tensor:
         """The split as the model is evaluated on it: binarized once with the run's seed if it trained on binary data."""
@@ -109,17 +197,55 @@ class Run:
             x = static_binarized(x, d.get("seed", 0) + (1 if split == "test" else 0))
         return x
 
-    def build_model(self, device: torch.device | str = "cpu", load: bool = True) -> nn.Module:
-        from pyrovae.models import build_model  # the CLI's side of the registry; the engine stays generic
+    # model
+    def factory_reference(self) -> str:
+        """The factory to rebuild the model from: the recorded copy of a model file, if any."""
+        m = self.config["model"]
+        if "factory" not in m:  # written before model factories: the built-in VAE
+            return factory.BUILTIN
+        if m.get("file"):
+            copy = self.path / m["file"]["copy"]
+            original = Path(m["file"]["original"])
+            if original.is_file() and factory.sha256(original) != m["file"]["sha256"]:
+                self.notes.append(f"note: {original} has changed since training; using the copy recorded in {copy}")
+            return f"{copy}:{factory.split_reference(m['factory'])[1]}"
+        return m["factory"]
 
-        module = build_model(self.config["model"])
-        if load:
-            module.load_state_dict(self.load_checkpoint(device)["model"])
-        return module.to(device)
+    def model_args(self) -> dict:
+        m = self.config["model"]
+        if "factory" not in m:
+            return {k: v for k, v in m.items() if k not in ("name", "data_dim")}
+        return dict(m.get("args", {}))
+
+    def build_model(self, data: Dataset, device: torch.device | str = "cpu"):
+        """The untrained model, rebuilt from the recorded factory and arguments, on ``device``."""
+        ref = self.factory_reference()
+        m = self.config["model"]
+        image_shape = m.get("image_shape", data.image_shape) if "factory" in m else data.image_shape
+        obj = factory.build(factory.load(ref), ref, m.get("data_dim", data.dim), image_shape, self.model_args())
+        return obj.to(device) if hasattr(obj, "to") else obj
+
+    def load_model(self, device: torch.device | str = "cpu"):
+        """(data, trained model, its parameters): rebuilt, its parameters found as SVI finds them, and
+        loaded from the checkpoint."""
+        data = self.dataset()
+        model = self.build_model(data, device)
+        example = self.eval_split(data)[:8].to(device)
+        trained = parameters.trainable(model.model, model.guide, example)
+        state = self.load_checkpoint()
+        load_state(model, trained, state)
+        return data, model, trained
 
 
-def check_likelihood_data(module: nn.Module, x: torch.Tensor, binarize: str) -> None:
-    """A likelihood that needs binary data (``binary_data = True``) gets binary data."""
-    likelihood = getattr(module, "likelihood", None)
-    if getattr(likelihood, "binary_data", False) and binarize == "none":
-        check_binary(x, "training data")
+def load_state(model, trained: dict, state: dict) -> None:
+    """Load a checkpoint's parameters into the model (format 2, or the earlier ``model`` state dict)."""
+    if "model" in state and "format" not in state:
+        model.load_state_dict(state["model"])
+    else:
+        parameters.load_state_dict(model, trained, state)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

@@ -3,8 +3,9 @@
 The loss is Pyro's reparameterized ELBO estimator, −ELBO = −E_q[log p(x, z) − log q(z | x)],
 summed over the minibatch as ``SVI(model, guide, optim, Trace_ELBO()).step(x)`` returns it.
 The fast path differentiates ``Trace_ELBO().differentiable_loss`` and steps one ``torch.optim.Adam``
-over the module's parameters: the same loss and gradients as ``SVI`` with ``pyro.optim.Adam``
-(which keeps one optimizer per parameter), with the state saved and resumed as torch state dicts.
+over exactly the parameters ``SVI`` would train (found as ``SVI`` finds them, :mod:`pyrovae.params`):
+the same loss and gradients as ``SVI`` with ``pyro.optim.Adam`` (which keeps one optimizer per
+parameter), with the state saved and resumed as torch state dicts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import contract, params as parameters
 from .errors import PyrovaeError
 from .nn import skip_registration
 
@@ -100,6 +102,13 @@ def mean_elbo(loss_fn: Callable, x: torch.Tensor, batch_size: int = 1000) -> flo
     return -total / len(x)
 
 
+def first_batch(batches, n: int = 8) -> torch.Tensor:
+    """A few rows as training will see them, without advancing ``batches``."""
+    if hasattr(batches, "peek"):
+        return batches.peek(n)
+    return next(iter(batches))[1][:n]
+
+
 def fit(
     module: nn.Module,
     batches: Iterable,
@@ -112,12 +121,18 @@ def fit(
 ) -> list[dict]:
     """Train ``module.model`` / ``module.guide`` for epochs ``start_epoch + 1 … config.epochs``.
 
-    ``batches`` yields ``(idx, x)`` each epoch. Returns one metrics dict per epoch:
+    ``batches`` yields ``(idx, x)`` each epoch. Without an ``optimizer``, the contract is checked
+    on a first batch and Adam is made over every parameter ``SVI`` would train
+    (:func:`pyrovae.params.trainable`): ``pyro.module`` registrations, ``PyroModule`` parameters,
+    ``PyroParam``s and bare ``pyro.param`` sites, constrained ones through their unconstrained values. Returns one metrics dict per epoch:
     ``train_elbo`` (mean over the epoch's steps, nats per point), ``test_elbo`` (nats per point,
     when ``test_x`` is given) and ``seconds``. ``on_epoch_end(metrics)`` runs after each epoch
     (the CLI saves its checkpoint there).
     """
-    optimizer = optimizer or make_optimizer(module.parameters(), config.lr)
+    if optimizer is None:
+        sample = first_batch(batches)
+        contract.check(module.model, module.guide, sample, "the training data")
+        optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
     loss_fn = elbo_loss(module.model, module.guide, config.num_particles)
     history = []
     steps = (config.epochs - start_epoch) * len(batches)

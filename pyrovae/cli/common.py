@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+from pyrovae import params as parameters
+from pyrovae.data import Dataset
+from pyrovae.errors import PyrovaeError
 from pyrovae.run import Run, resolve_device
 
 
 def add_run_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", type=Path, help="a run folder written by pyrovae train")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
-def open_run(args) -> tuple[Run, torch.nn.Module, torch.device]:
-    """The run, its trained model in eval mode, and the device."""
+def open_run(args) -> tuple[Run, object, torch.device]:
+    """The run, its trained model in eval mode, and the device; ``run.dataset()`` is the data split
+    as in training."""
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     run = Run.open(args.run_dir)
-    module = run.build_model(device).eval()
-    return run, module, device
+    parameters.clear()
+    _, model, _ = run.load_model(device)
+    for note in run.notes:
+        print(note, file=sys.stderr)
+    if hasattr(model, "eval"):
+        model.eval()
+    return run, model, device
+
+
+def require_images(data: Dataset, what: str) -> None:
+    if data.image_shape is None:
+        raise PyrovaeError(f"cannot draw {what}: the data set's points are vectors, not images")
 
 
 def output_path(args, run: Run, default: str) -> Path:

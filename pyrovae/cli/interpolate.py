@@ -9,7 +9,7 @@ import torch
 from pyrovae.generate import interpolate
 from pyrovae.plots import save_grid
 
-from .common import add_run_argument, open_run, output_path
+from .common import add_run_argument, open_run, output_path, require_images
 
 
 def add_parser(sub) -> None:
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     run_, module, device = open_run(args)
     data = run_.dataset()
+    require_images(data, "interpolations")
     path = output_path(args, run_, "interpolations.png")
     save_interpolations(module, run_.eval_split(data).to(device), data.image_shape, path, args.pairs, args.steps)
     print(f"wrote {path}")

@@ -9,13 +9,20 @@ import sys
 from pyrovae import __version__
 from pyrovae.errors import PyrovaeError
 
-from . import evaluate, interpolate, reconstruct, sample, train
+from . import evaluate, interpolate, list as list_command, reconstruct, sample, train
 
-COMMANDS = (train, sample, reconstruct, interpolate, evaluate)
+COMMANDS = (train, sample, reconstruct, interpolate, evaluate, list_command)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake answered in one line (and exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pyrovae",
         description="Variational autoencoders as Pyro programs: train with SVI, draw pictures, estimate the evidence.",
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 from pyrovae.generate import sample_prior
 from pyrovae.plots import save_grid
 
-from .common import add_run_argument, open_run, output_path
+from .common import add_run_argument, open_run, output_path, require_images
 
 
 def add_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     run_, module, device = open_run(args)
     data = run_.dataset()
+    require_images(data, "samples")
     path = output_path(args, run_, "samples.png")
     save_grid(sample_prior(module.model, data.test[:1].to(device), args.num), data.image_shape, path)
     print(f"wrote {path}")

@@ -1,0 +1,531 @@
+"""Annealed importance sampling (AIS) with HMC transitions, and bidirectional Monte Carlo (BDMC), per data point.
+
+For each data point x, M chains start from z_0 ~ f_0 = q(z | x) (the guide; or the prior p(z))
+and move along the geometric path of unnormalized densities
+
+    f_β(z) = f_0(z)^(1−β) p(x, z)^β,     0 = β_0 < β_1 < … < β_T = 1
+
+(sigmoidal in t by default, as Wu et al. 2017). Each chain carries the log-weight
+
+    log w = Σ_{t=1..T} (β_t − β_{t−1}) [log p(x, z_{t−1}) − log f_0(z_{t−1})]
+
+and between two increments takes one HMC transition that leaves f_{β_t} invariant (t = 1..T−1;
+T = 1 is plain importance sampling from f_0). Then E[w] = p(x), and
+log p̂(x) = log (1/M) Σ_m w_m is, by Jensen, a stochastic lower bound on log p(x) (Neal 2001).
+
+HMC runs on all latent sites at once, flattened and concatenated, in unconstrained space: a site
+with a constrained support is mapped by ``biject_to(site["fn"].support)``, and the log-abs-det
+Jacobian is added to both log f_0 and log p(x, z) (it cancels in the weights). Every density is the
+sites' own Pyro distribution: log p(x, z) by ``poutine.replay`` of the model on a trace holding the
+chains' current values, log q(z | x) by replaying the guide on the same values (so a guide site
+whose distribution depends on earlier latents is scored with those latents' current values), all
+under an outer ``pyro.plate("particles", chains, dim=-2)`` as in :mod:`pyrovae.evidence`. Gradients
+come from ``torch.autograd.grad``. Points are processed ``batch_size`` at a time, every point's
+chains together.
+
+The step size is adapted per data point toward an acceptance rate (0.65): after each transition it
+is multiplied by 1.02 if the mean acceptance probability exceeded the target, else divided by 1.02.
+Why the estimate stays unbiased: AIS's identity E[w] = p(x) holds for any sequence of kernels K_t
+that leave f_{β_t} invariant, provided the kernels do not depend on the chain's own states. They may
+depend on the past, but if step t's step size depends on the states of the chain it moves (through
+the acceptance of the chain's own earlier transitions), the kernel is a mixture of invariant kernels
+whose mixing weights depend on the current state, which in general is no longer invariant, and the
+weights are biased. So the acceptance that drives the adaptation is measured on separate *tuning
+chains* (``tune_chains`` per point, 2 by default) that run the same transitions from their own
+independent starts and whose weights are discarded. Given the tuning chains, the M estimating chains
+run AIS with a sequence of kernels fixed in advance of their own states, each leaving its
+intermediate distribution invariant: their weights are independent, E[w_m] = p(x) exactly, the
+estimate is a stochastic lower bound, and the delta-method standard error across chains is the right
+one. (Adapting on the estimating chains themselves, as Wu et al. do, is the common practice; its bias
+is small but not zero.)
+
+BDMC (Grosse, Ghahramani & Adams 2015) brackets log p(x) on data simulated from the model, where an
+exact posterior sample is known: (z, x) ~ p(z) p(x | z). Forward AIS gives the lower bound; reverse
+AIS, started at the exact z and run from β = 1 to β = 0 with the forward pass's kernels (its step
+sizes, which depend on x and on chains independent of z, not on z), has E[w_rev] = 1/p(x), so
+−log (1/M) Σ_m w_rev,m is a stochastic upper bound. The gap between the two bounds the error of
+either for data like these.
+
+References:
+    R. M. Neal (2001). Annealed importance sampling. Statistics and Computing 11:125–139.
+    R. M. Neal (2011). MCMC using Hamiltonian dynamics. Handbook of MCMC, ch. 5.
+    R. B. Grosse, Z. Ghahramani, R. P. Adams (2015). Sandwiching the marginal likelihood using
+        bidirectional Monte Carlo. arXiv:1511.02543.
+    Y. Wu, Y. Burda, R. Salakhutdinov, R. Grosse (2017). On the quantitative analysis of
+        decoder-based generative models. ICLR.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.poutine.trace_struct import Trace
+from torch.distributions.transforms import ComposeTransform, IndependentTransform
+from tqdm.auto import tqdm
+
+from . import estimators
+from .diagnostics import effective_sample_size
+from .errors import ContractError, PyrovaeError
+from .estimators import Estimate
+from .evidence import PARTICLE_DIM, _check_data_plate, _sample_sites, _unscaled_log_prob
+from .train import fast_context
+
+DEFAULT_STEPS = 500  # T
+DEFAULT_CHAINS = 16  # M
+DEFAULT_LEAPFROG = 10  # L
+DEFAULT_STEP_SIZE = 0.05  # initial HMC step size, in unconstrained units
+TARGET_ACCEPT = 0.65
+ADAPT_FACTOR = 1.02
+TUNE_CHAINS = 2
+PASS_SIZE = 4096  # chains × points per pass when the batch size is not given
+log = logging.getLogger(__name__)
+
+Start = Literal["guide", "prior"]
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def sigmoid_schedule(num_steps: int, radius: float = 4.0) -> torch.Tensor:
+    """β_0..β_T, (T+1,) float64: σ(s) for s evenly spaced in [−radius, radius], rescaled to run from
+    exactly 0 to exactly 1 (Grosse et al. 2015; Wu et al. 2017 use radius 4). Small steps at both ends."""
+    if num_steps < 1:
+        raise PyrovaeError(f"the number of AIS steps must be at least 1, got {num_steps}")
+    if num_steps == 1:
+        return torch.tensor([0.0, 1.0], dtype=torch.float64)
+    s = torch.sigmoid(torch.linspace(-radius, radius, num_steps + 1, dtype=torch.float64))
+    betas = (s - s[0]) / (s[-1] - s[0])
+    betas[0], betas[-1] = 0.0, 1.0
+    return betas
+
+
+def linear_schedule(num_steps: int) -> torch.Tensor:
+    """β_t = t / T, (T+1,) float64."""
+    if num_steps < 1:
+        raise PyrovaeError(f"the number of AIS steps must be at least 1, got {num_steps}")
+    return torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
+
+
+SCHEDULES = {"sigmoid": sigmoid_schedule, "linear": linear_schedule}
+
+
+# ---------------------------------------------------------------- HMC
+
+
+class State(NamedTuple):
+    """Chains at unconstrained position u (C, B, D), with the two parts of their log-density:
+
+    ``log_f0`` = log f_0(z(u)) + log |det ∂z/∂u|, ``log_ratio`` = log p(x, z) − log f_0(z), both (C, B),
+    and their gradients in u, (C, B, D). The intermediate target is log f_β = log_f0 + β · log_ratio.
+    """
+
+    u: torch.Tensor
+    log_f0: torch.Tensor
+    log_ratio: torch.Tensor
+    grad_log_f0: torch.Tensor
+    grad_log_ratio: torch.Tensor
+
+
+def _where(mask: torch.Tensor, new: State, old: State) -> State:
+    return State(*(torch.where(mask if a.dim() == 2 else mask[..., None], a, b) for a, b in zip(new, old)))
+
+
+def hmc_transition(
+    state: State, density: Callable[[torch.Tensor], State], beta: float, step_size: torch.Tensor, num_leapfrog: int,
+) -> tuple[State, torch.Tensor]:
+    """One HMC transition (Neal 2011) leaving f_β invariant, for every chain: momentum v ~ N(0, I)
+    drawn afresh, ``num_leapfrog`` leapfrog steps of size ``step_size`` ((B,), one per point, or a
+    scalar), then a Metropolis accept/reject per chain. Returns the new state and the acceptance
+    probabilities min(1, e^{−ΔH}), (C, B); a proposal whose energy is nan is rejected.
+    """
+    eps = step_size if step_size.dim() == 0 else step_size[:, None]  # (B, 1): broadcasts over (C, B, D)
+
+    def energy(s: State, v: torch.Tensor) -> torch.Tensor:
+        return -(s.log_f0 + beta * s.log_ratio) + 0.5 * (v * v).sum(-1)
+
+    def grad_potential(s: State) -> torch.Tensor:
+        return -(s.grad_log_f0 + beta * s.grad_log_ratio)
+
+    v0 = torch.randn_like(state.u)
+    s, v = state, v0 - 0.5 * eps * grad_potential(state)
+    for step in range(num_leapfrog):
+        s = density(s.u + eps * v)
+        v = v - (eps if step < num_leapfrog - 1 else 0.5 * eps) * grad_potential(s)
+    log_accept = (energy(state, v0) - energy(s, v)).clamp(max=0.0).nan_to_num(nan=-math.inf)
+    accept = torch.rand_like(log_accept).log() < log_accept
+    return _where(accept, s, state), log_accept.exp()
+
+
+# ---------------------------------------------------------------- the annealing path of a (model, guide) pair
+
+
+def _is_identity(t) -> bool:
+    base = t.base_transform if isinstance(t, IndependentTransform) else t
+    return isinstance(base, ComposeTransform) and not base.parts
+
+
+@dataclass
+class _Site:
+    name: str
+    transform: object  # constrained ← unconstrained; None for the identity
+    shape: torch.Size  # unconstrained event shape
+    size: int  # its number of elements
+
+
+class _Path:
+    """The densities of the annealing path for C chains on each of the B points of x, as functions of
+    the chains' flattened unconstrained latents u (C, B, D)."""
+
+    def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, num_chains: int, start: Start, args, kwargs):
+        self.model, self.guide, self.x, self.start, self.args, self.kwargs = model, guide, x, start, args, kwargs
+        self.shape = torch.Size([num_chains, x.shape[0]])  # (C, B)
+        with torch.no_grad(), pyro.plate("particles", num_chains, dim=PARTICLE_DIM):
+            first = poutine.trace(guide if start == "guide" else model).get_trace(x, *args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=first)).get_trace(x, *args, **kwargs)
+        self.sites: list[_Site] = []
+        values = {}
+        for name, site in _sample_sites(model_trace):
+            _check_data_plate(name, site, "model")
+            if site["is_observed"]:
+                continue
+            if start == "guide" and name not in first.nodes:
+                raise ContractError(f"the guide does not sample latent site {name!r} of the model: a guide must sample every latent site")
+            value = site["value"]
+            if value.shape[:2] != self.shape:
+                raise ContractError(
+                    f"latent site {name!r} has shape {tuple(value.shape)} under {num_chains} particles, expected "
+                    f"(particles, data, *event) = {tuple(self.shape)} + …: all latent sites must be local to each data point"
+                )
+            transform = biject_to(site["fn"].support)
+            transform = None if _is_identity(transform) else transform
+            shape = value.shape[2:] if transform is None else transform.inverse_shape(value.shape)[2:]
+            self.sites.append(_Site(name, transform, shape, shape.numel()))
+            values[name] = value
+        if start == "guide":
+            extra = [name for name, _ in _sample_sites(first) if name not in values]
+            if extra:
+                raise ContractError(f"the guide samples {extra}, which the model has no latent site for: AIS needs q over the model's latents only")
+        if not self.sites:
+            raise ContractError("the model has no latent sites to anneal over")
+        self.initial = self.to_unconstrained(values)
+
+    @property
+    def dim(self) -> int:
+        return sum(s.size for s in self.sites)
+
+    def to_unconstrained(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{site: (C, B, *event) or (B, *event)} → u (C, B, D)."""
+        parts = []
+        for s in self.sites:
+            v = values[s.name].detach()
+            u = v if s.transform is None else s.transform.inv(v)
+            parts.append(u.expand(*self.shape, *s.shape).reshape(*self.shape, s.size))
+        return torch.cat(parts, -1)
+
+    def _unflatten(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | float]:
+        values, log_det, start = {}, 0.0, 0
+        for s in self.sites:
+            us = u[..., start:start + s.size].reshape(*self.shape, *s.shape)
+            start += s.size
+            if s.transform is None:
+                values[s.name] = us
+            else:
+                z = s.transform(us)
+                values[s.name] = z
+                log_det = log_det + s.transform.log_abs_det_jacobian(us, z).reshape(*self.shape, -1).sum(-1)
+        return values, log_det
+
+    def __call__(self, u: torch.Tensor) -> State:
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            values, log_det = self._unflatten(u)
+            chains = Trace()
+            for name, value in values.items():
+                chains.add_node(name, name=name, type="sample", is_observed=False, value=value, infer={})
+            with pyro.plate("particles", self.shape[0], dim=PARTICLE_DIM):
+                model_trace = poutine.trace(poutine.replay(self.model, trace=chains)).get_trace(self.x, *self.args, **self.kwargs)
+                guide_trace = (poutine.trace(poutine.replay(self.guide, trace=chains)).get_trace(self.x, *self.args, **self.kwargs)
+                               if self.start == "guide" else None)
+            log_lik = log_prior = 0.0
+            for name, site in _sample_sites(model_trace):
+                log_p = _unscaled_log_prob(name, site, self.shape)
+                if site["is_observed"]:
+                    log_lik = log_lik + log_p
+                else:
+                    log_prior = log_prior + log_p
+            if guide_trace is None:
+                log_f0 = log_prior + log_det
+                log_p = log_f0 + log_lik
+            else:
+                log_q = sum(_unscaled_log_prob(s.name, guide_trace.nodes[s.name], self.shape) for s in self.sites)
+                log_f0 = log_q + log_det
+                log_p = log_lik + log_prior + log_det
+            grad_f0, = torch.autograd.grad(log_f0.sum(), u, retain_graph=True)
+            grad_p, = torch.autograd.grad(log_p.sum(), u)
+        return State(u.detach(), log_f0.detach(), (log_p - log_f0).detach(), grad_f0, grad_p - grad_f0)
+
+
+# ---------------------------------------------------------------- one pass: the chains of a batch of points
+
+
+@dataclass
+class _Pass:
+    log_w: torch.Tensor  # (C, B) float64
+    accept: torch.Tensor  # (C, B), mean acceptance probability over the transitions (nan if none)
+    step_sizes: torch.Tensor  # (T−1, B), the step size of each transition
+
+
+def _anneal(
+    density: Callable[[torch.Tensor], State], u: torch.Tensor, betas: torch.Tensor, num_leapfrog: int,
+    step_size: torch.Tensor, tune: slice | None, step_sizes: torch.Tensor | None = None,
+    target_accept: float = TARGET_ACCEPT, on_step: Callable[[], None] | None = None,
+) -> _Pass:
+    """Run the chains at u (C, B, D) along ``betas`` (forward 0 → 1 or reverse 1 → 0).
+
+    The step size starts at ``step_size`` (B,) and, if ``tune`` is given, is adapted after each
+    transition from the mean acceptance probability of the chains ``u[tune]`` (see the module
+    docstring); ``step_sizes`` (T−1, B) fixes it per transition instead.
+    """
+    state = density(u)
+    C, B = state.log_f0.shape
+    log_w = torch.zeros(C, B, dtype=torch.float64, device=u.device)
+    accept_sum = torch.zeros(C, B, dtype=torch.float64, device=u.device)
+    used = []
+    eps = step_size
+    T = len(betas) - 1
+    betas = betas.tolist()
+    for t in range(1, T + 1):
+        log_w += (betas[t] - betas[t - 1]) * state.log_ratio.double()
+        if t == T:
+            break
+        if step_sizes is not None:
+            eps = step_sizes[t - 1]
+        used.append(eps)
+        state, accept = hmc_transition(state, density, betas[t], eps.to(u.dtype), num_leapfrog)
+        accept_sum += accept
+        if tune is not None:
+            eps = torch.where(accept[tune].mean(0) > target_accept, eps * ADAPT_FACTOR, eps / ADAPT_FACTOR)
+        if on_step is not None:
+            on_step()
+    steps = torch.stack(used) if used else torch.empty(0, B, dtype=step_size.dtype, device=u.device)
+    return _Pass(log_w, accept_sum / (T - 1) if T > 1 else torch.full_like(accept_sum, math.nan), steps)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class AISResult:
+    """Per-point AIS results for N points, each (N,) unless said; the settings that produced them.
+
+    ``log_px`` is log (1/M) Σ_m w_m with the delta method's standard error across the M chains (as
+    :func:`pyrovae.estimators.log_px`); for a reverse pass (``bound == "upper"``) it is
+    −log (1/M) Σ_m w_rev,m. ``ess`` is the effective sample size of the M weights, ``accept`` the mean
+    HMC acceptance probability of the estimating chains, ``step_size`` their mean step size,
+    ``log_w`` the chains' log-weights (M, N).
+    """
+
+    log_px: Estimate
+    ess: torch.Tensor
+    accept: torch.Tensor
+    step_size: torch.Tensor
+    log_w: torch.Tensor
+    num_steps: int
+    num_chains: int
+    num_leapfrog: int
+    start: str
+    bound: Literal["lower", "upper"] = "lower"
+
+    def settings(self) -> str:
+        return f"T={self.num_steps}, M={self.num_chains}, L={self.num_leapfrog}, start: {self.start}"
+
+    def summary(self) -> dict:
+        """Means over points, with standard errors across points; the mean Monte Carlo s.e. per point."""
+        return {
+            "num_points": int(self.log_px.value.numel()),
+            "num_steps": self.num_steps, "num_chains": self.num_chains, "num_leapfrog": self.num_leapfrog,
+            "start": self.start, "bound": self.bound,
+            "log_px": self.log_px.mean(),
+            "log_px_stderr_mean": _nanmean(self.log_px.stderr),
+            "ess_mean": self.ess.mean().item(),
+            "accept_mean": _nanmean(self.accept),
+            "step_size_mean": _nanmean(self.step_size),
+        }
+
+    def per_point(self) -> dict[str, list]:
+        return {"log_px": self.log_px.value.tolist(), "log_px_stderr": self.log_px.stderr.tolist(),
+                "ess": self.ess.tolist(), "accept": self.accept.tolist(), "step_size": self.step_size.tolist()}
+
+
+@dataclass
+class BDMCResult:
+    """Bidirectional Monte Carlo on N points simulated from the model: per-point lower bound (forward
+    AIS), upper bound (reverse AIS from the exact latents), and their gap, with the data simulated."""
+
+    lower: AISResult
+    upper: AISResult
+    x: torch.Tensor  # (N, P), the simulated data
+
+    @property
+    def gap(self) -> Estimate:
+        """upper − lower per point, standard errors in quadrature (the two passes are independent given x)."""
+        return estimators.difference(self.upper.log_px, self.lower.log_px)
+
+    def summary(self) -> dict:
+        return {"num_points": len(self.x), "lower": self.lower.summary(), "upper": self.upper.summary(),
+                "gap": self.gap.mean(), "gap_stderr_mean": _nanmean(self.gap.stderr)}
+
+    def per_point(self) -> dict[str, list]:
+        return {"lower": self.lower.log_px.value.tolist(), "lower_stderr": self.lower.log_px.stderr.tolist(),
+                "upper": self.upper.log_px.value.tolist(), "upper_stderr": self.upper.log_px.stderr.tolist(),
+                "gap": self.gap.value.tolist(), "accept_forward": self.lower.accept.tolist(),
+                "accept_reverse": self.upper.accept.tolist()}
+
+
+def _nanmean(t: torch.Tensor) -> float:
+    ok = ~t.isnan()
+    return t[ok].mean().item() if ok.any() else math.nan
+
+
+def _result(log_w: torch.Tensor, accept, step_size, settings: dict, bound: str) -> AISResult:
+    est = estimators.log_px(log_w)
+    if bound == "upper":  # w_rev estimates 1/p(x): the bound is −log mean w_rev, with the same s.e.
+        est = Estimate(-est.value, est.stderr)
+    return AISResult(est, effective_sample_size(log_w), accept, step_size, log_w, **settings, bound=bound)
+
+
+# ---------------------------------------------------------------- the estimators
+
+
+def _check_settings(num_steps, num_chains, num_leapfrog, step_size, start, schedule, tune_chains):
+    if num_steps < 1:
+        raise PyrovaeError(f"the number of AIS steps T must be at least 1, got {num_steps}")
+    if num_chains < 1:
+        raise PyrovaeError(f"the number of AIS chains M must be at least 1, got {num_chains}")
+    if num_leapfrog < 1:
+        raise PyrovaeError(f"the number of leapfrog steps L must be at least 1, got {num_leapfrog}")
+    if not step_size > 0:
+        raise PyrovaeError(f"the HMC step size must be positive, got {step_size}")
+    if tune_chains < 1:
+        raise PyrovaeError(f"step-size adaptation needs at least 1 tuning chain, got {tune_chains}")
+    if start not in ("guide", "prior"):
+        raise PyrovaeError(f"AIS starts from the guide or the prior, got {start!r}")
+    if isinstance(schedule, str) and schedule not in SCHEDULES:
+        raise PyrovaeError(f"unknown AIS schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+
+
+def _betas(schedule, num_steps: int) -> torch.Tensor:
+    if isinstance(schedule, str):
+        return SCHEDULES[schedule](num_steps)
+    betas = torch.as_tensor(schedule, dtype=torch.float64)
+    if betas.dim() != 1 or len(betas) != num_steps + 1 or betas[0] != 0 or betas[-1] != 1 or (betas.diff() < 0).any():
+        raise PyrovaeError(f"an AIS schedule must be T + 1 = {num_steps + 1} non-decreasing values from 0 to 1")
+    return betas
+
+
+def ais(
+    model: Callable, guide: Callable, x: torch.Tensor, *args,
+    num_steps: int = DEFAULT_STEPS, num_chains: int = DEFAULT_CHAINS, num_leapfrog: int = DEFAULT_LEAPFROG,
+    step_size: float = DEFAULT_STEP_SIZE, adapt: bool = True, tune_chains: int = TUNE_CHAINS,
+    target_accept: float = TARGET_ACCEPT, schedule: str | torch.Tensor = "sigmoid", start: Start = "guide",
+    batch_size: int | None = None, progress: bool = False, **kwargs,
+) -> AISResult:
+    """AIS estimate of log p(x) per data point (a stochastic lower bound), x (N, P) → (N,) values.
+
+    ``num_steps`` T intermediate distributions along ``schedule`` ("sigmoid", "linear" or T + 1
+    values), ``num_chains`` M estimating chains per point, ``num_leapfrog`` L leapfrog steps per HMC
+    transition (T − 1 transitions per chain). ``start``: f_0 is the guide q(z | x) or the model's
+    prior. ``adapt``: adapt the step size per point from ``tune_chains`` extra chains (see the module
+    docstring); otherwise ``step_size`` is used throughout. ``batch_size`` points per pass (default:
+    as many as fit 4096 chains). ``model(x, *args, **kwargs)`` and ``guide(x, *args, **kwargs)``
+    keep the model/guide contract.
+    """
+    return _run(model, guide, x, args, kwargs, None, num_steps, num_chains, num_leapfrog, step_size, adapt, tune_chains,
+                target_accept, schedule, start, batch_size, progress)[0]
+
+
+def bdmc(
+    model: Callable, guide: Callable, x: torch.Tensor, *args,
+    num_steps: int = DEFAULT_STEPS, num_chains: int = DEFAULT_CHAINS, num_leapfrog: int = DEFAULT_LEAPFROG,
+    step_size: float = DEFAULT_STEP_SIZE, adapt: bool = True, tune_chains: int = TUNE_CHAINS,
+    target_accept: float = TARGET_ACCEPT, schedule: str | torch.Tensor = "sigmoid", start: Start = "guide",
+    batch_size: int | None = None, progress: bool = False, **kwargs,
+) -> BDMCResult:
+    """Bidirectional Monte Carlo on len(x) points simulated from the model (x gives only the shape).
+
+    Draws (z, x') ~ p(z) p(x | z) with :func:`simulate`, then per point forward AIS on x' (the lower
+    bound, as :func:`ais`) and reverse AIS started at the exact z, from β = 1 to 0, with the forward
+    pass's step size for each intermediate distribution (the upper bound). Options as :func:`ais`.
+    """
+    x_sim, latents = simulate(model, x, *args, **kwargs)
+    lower, upper = _run(model, guide, x_sim, args, kwargs, latents, num_steps, num_chains, num_leapfrog, step_size,
+                        adapt, tune_chains, target_accept, schedule, start, batch_size, progress)
+    return BDMCResult(lower, upper, x_sim)
+
+
+def simulate(model: Callable, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(x', z) ~ p(z) p(x | z) for len(x) points: the model run with its observation sampled
+    (``poutine.uncondition``); x only gives the shape. Returns x' (N, P) and {latent site: (N, *event)}."""
+    with torch.no_grad(), fast_context():
+        trace = poutine.trace(poutine.uncondition(model)).get_trace(x, *args, **kwargs)
+    observed = [name for name, site in _sample_sites(trace) if site["infer"].get("was_observed")]
+    if len(observed) != 1:
+        raise ContractError(f"simulating data needs exactly one observed site in the model, found {observed}")
+    latents = {name: site["value"] for name, site in _sample_sites(trace) if name not in observed}
+    x_sim = trace.nodes[observed[0]]["value"]
+    if x_sim.shape != x.shape:
+        raise ContractError(f"the observed site {observed[0]!r} simulates shape {tuple(x_sim.shape)}, the data have {tuple(x.shape)}")
+    return x_sim.to(x.dtype), latents
+
+
+def _run(model, guide, x, args, kwargs, latents, num_steps, num_chains, num_leapfrog, step_size, adapt, tune_chains,
+         target_accept, schedule, start, batch_size, progress) -> tuple[AISResult, AISResult | None]:
+    """Forward AIS on every point; with ``latents`` (exact posterior draws), reverse AIS too."""
+    _check_settings(num_steps, num_chains, num_leapfrog, step_size, start, schedule, tune_chains)
+    if len(x) == 0:
+        raise PyrovaeError("no data points to estimate log p(x) for")
+    betas = _betas(schedule, num_steps)
+    adapt = adapt and num_steps > 1
+    C = num_chains + (tune_chains if adapt else 0)
+    batch_size = max(1, PASS_SIZE // C) if batch_size is None else batch_size
+    if batch_size < 1:
+        raise PyrovaeError(f"the AIS batch size must be at least 1, got {batch_size}")
+    N, M = len(x), num_chains
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "accept", "step", "log_w_rev", "accept_rev", "step_rev")}
+    passes = 2 if latents is not None else 1
+    with fast_context(), tqdm(total=N * passes * max(num_steps - 1, 1), disable=not progress, unit="point-step",
+                              dynamic_ncols=True) as bar:
+        for begin in range(0, N, batch_size):
+            rows = slice(begin, min(begin + batch_size, N))
+            xb = x[rows]
+            B = len(xb)
+            on_step = (lambda: bar.update(B)) if progress else None
+            eps0 = torch.full((B,), float(step_size), dtype=torch.float64, device=x.device)
+            path = _Path(model, guide, xb, C, start, args, kwargs)
+            forward = _anneal(path, path.initial, betas, num_leapfrog, eps0, slice(M, C) if adapt else None,
+                              target_accept=target_accept, on_step=on_step)
+            out["log_w"].append(forward.log_w[:M].cpu())
+            out["accept"].append(forward.accept[:M].mean(0).cpu())
+            out["step"].append(forward.step_sizes.mean(0).cpu() if num_steps > 1 else eps0.cpu())
+            if latents is None:
+                continue
+            path = _Path(model, guide, xb, M, start, args, kwargs)
+            u = path.to_unconstrained({name: value[rows] for name, value in latents.items()})
+            reverse = _anneal(path, u, betas.flip(0), num_leapfrog, eps0, None, step_sizes=forward.step_sizes.flip(0),
+                              on_step=on_step)
+            out["log_w_rev"].append(reverse.log_w.cpu())
+            out["accept_rev"].append(reverse.accept.mean(0).cpu())
+            out["step_rev"].append(out["step"][-1])
+    settings = dict(num_steps=num_steps, num_chains=num_chains, num_leapfrog=num_leapfrog, start=start)
+    lower = _result(torch.cat(out["log_w"], 1), torch.cat(out["accept"]), torch.cat(out["step"]), settings, "lower")
+    if latents is None:
+        return lower, None
+    upper = _result(torch.cat(out["log_w_rev"], 1), torch.cat(out["accept_rev"]), torch.cat(out["step_rev"]), settings, "upper")
+    return lower, upper
