@@ -1,17 +1,41 @@
 """Generative models p(z) p_θ(x|z) written as Pyro programs.
 
 ``MODELS`` maps the ``"name"`` in a run's config to a function building the model from it.
+Components, each registered by name: ``PRIORS`` (priors.py), ``LIKELIHOODS`` (likelihoods.py),
+networks (networks.py); guides are in :mod:`pyrovae.guides`.
 """
 
 from pyrovae.registry import Registry
 
-from .likelihoods import LIKELIHOODS, Bernoulli, ContinuousBernoulli
+from .likelihoods import (
+    LIKELIHOODS,
+    Bernoulli,
+    ContinuousBernoulli,
+    DiscretizedLogistic,
+    DiscretizedLogisticLikelihood,
+    Gaussian,
+    GaussianPixelScale,
+    GaussianSharedScale,
+)
 from .linear_gaussian import PPCA, HierarchicalLinearGaussian, LinearGaussian
-from .priors import PRIORS, StandardNormal
+from .networks import ConvDecoder, ConvEncoder
+from .priors import PRIORS, FlowPrior, MixturePrior, StandardNormal, VampPrior
+from .two_layer import TwoLayerVAE, two_layer
 from .vae import VAE, VAEConfig, build_vae, vae
 
 MODELS = Registry("model")
-MODELS.register("vae")(lambda config: build_vae(VAEConfig.from_dict(config)))
+
+
+@MODELS.register("vae")
+def _vae_from_config(config: dict) -> VAE:
+    """The VAE of Kingma & Welling (2014) with the prior, likelihood, guide and networks named in its config."""
+    return build_vae(VAEConfig.from_dict(config))
+
+
+@MODELS.register("two-layer")
+def _two_layer_from_config(config: dict) -> TwoLayerVAE:
+    """The two-stochastic-layer VAE of Burda, Grosse & Salakhutdinov (2016), sites z1 (top) and z2."""
+    return two_layer(**{k: v for k, v in config.items() if k != "name"})
 
 
 def build_model(config: dict):
@@ -20,7 +44,9 @@ def build_model(config: dict):
 
 
 __all__ = [
-    "MODELS", "build_model", "VAE", "VAEConfig", "build_vae", "vae",
-    "PRIORS", "StandardNormal", "LIKELIHOODS", "Bernoulli", "ContinuousBernoulli",
+    "MODELS", "build_model", "VAE", "VAEConfig", "build_vae", "vae", "TwoLayerVAE", "two_layer",
+    "PRIORS", "StandardNormal", "MixturePrior", "VampPrior", "FlowPrior",
+    "LIKELIHOODS", "Bernoulli", "ContinuousBernoulli", "Gaussian", "GaussianSharedScale", "GaussianPixelScale",
+    "DiscretizedLogistic", "DiscretizedLogisticLikelihood", "ConvEncoder", "ConvDecoder",
     "LinearGaussian", "PPCA", "HierarchicalLinearGaussian",
 ]

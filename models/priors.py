@@ -2,10 +2,20 @@
 
 A prior samples its latent site(s) and returns the value the decoder reads. To add one,
 write an ``nn.Module`` whose ``forward()`` does that (calling ``pyrovae.nn.register(self)`` first
-if it has parameters) and register a constructor::
+if it has parameters) and register a constructor; the registry passes it whichever of
+``latent_dim``, ``data_dim`` and ``encoder`` (the guide's module) it accepts::
 
     @PRIORS.register("my-prior")
     def my_prior(latent_dim: int) -> nn.Module: ...
+
+Only the standard normal has a closed-form KL to the built-in Gaussian guides; for the others
+``torch.distributions.kl_divergence`` raises ``NotImplementedError`` and the evaluation reports
+"no closed form" and the Monte Carlo estimate.
+
+References:
+    Tomczak & Welling (2018), *VAE with a VampPrior*.
+    Papamakarios, Pavlakou & Murray (2017), *Masked autoregressive flow for density estimation*.
+    Germain, Gregor, Murray & Larochelle (2015), *MADE: masked autoencoder for distribution estimation*.
 """
 
 from __future__ import annotations
@@ -13,11 +23,18 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
+from pyro.distributions.transforms import AffineAutoregressive
+from pyro.nn import AutoRegressiveNN
 from torch import nn
 
+from pyrovae.errors import PyrovaeError
+from pyrovae.nn import register
 from pyrovae.registry import Registry
 
 PRIORS: Registry[nn.Module] = Registry("prior")
+
+MIN_SCALE = 1e-4
 
 
 class StandardNormal(nn.Module):
@@ -32,4 +49,124 @@ class StandardNormal(nn.Module):
         return pyro.sample(self.site, dist.Normal(self.loc, 1.0).to_event(1))
 
 
+class MixturePrior(nn.Module):
+    """A learned mixture of Gaussians: p(z) = Σ_k π_k N(z; μ_k, diag σ_k²).
+
+    K = ``components`` means, scales (σ = softplus(·) + 10⁻⁴, 1 at initialization) and mixing
+    logits are parameters; μ_k ~ N(0, I) at initialization. A ``MixtureSameFamily``: no closed-form
+    KL to the guide, and sampling it is not reparameterized (the ELBO never samples the prior).
+    Site ``z``, batch (N,), event (D,).
+    """
+
+    def __init__(self, latent_dim: int, components: int = 10, site: str = "z"):
+        super().__init__()
+        self.site = site
+        self.locs = nn.Parameter(torch.randn(components, latent_dim))
+        self.raw_scales = nn.Parameter(torch.full((components, latent_dim), 0.5413))  # softplus → 1
+        self.logits = nn.Parameter(torch.zeros(components))
+
+    def distribution(self) -> dist.MixtureSameFamily:
+        """p(z), batch (), event (D,)."""
+        components = dist.Normal(self.locs, F.softplus(self.raw_scales) + MIN_SCALE).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+    def forward(self) -> torch.Tensor:
+        register(self)
+        return pyro.sample(self.site, self.distribution())
+
+
+class _PseudoInputs(nn.Module):
+    def __init__(self, components: int, data_dim: int):
+        super().__init__()
+        self.u = nn.Parameter(torch.rand(components, data_dim))
+
+
+class VampPrior(nn.Module):
+    """VampPrior: the mixture of the guide's posteriors at learned pseudo-inputs (Tomczak & Welling, 2018).
+
+    p(z) = (1/K) Σ_k q_φ(z | u_k), the u_k (K = ``components`` of them, (K, P), uniform on [0, 1]
+    at initialization) learned with the model. q_φ is the guide's own encoder, shared: through
+    ``encoder.posterior(u)`` (a distribution over z with batch (K,)) where the encoder has one, else
+    ``N(loc, diag scale²)`` from ``encoder.loc_scale(u)``. The encoder is registered under the same
+    name as in the guide, so ``SVI`` trains it once. Site ``z``, batch (N,), event (D,); no closed-form KL.
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int, encoder: nn.Module, components: int = 500, site: str = "z"):
+        super().__init__()
+        if not (callable(getattr(encoder, "posterior", None)) or callable(getattr(encoder, "loc_scale", None))):
+            raise PyrovaeError(
+                f"the VampPrior needs a guide whose q(z|x) has a density at any point in one pass "
+                f"(a posterior(x) or loc_scale(x) method, as the diagonal and full-covariance guides have); "
+                f"{type(encoder).__name__} has neither: use guide 'diagonal' or 'full-covariance'"
+            )
+        self.site = site
+        self.latent_dim = latent_dim
+        self.encoder = encoder
+        self.pseudo_inputs = _PseudoInputs(components, data_dim)
+
+    def components(self) -> dist.TorchDistribution:
+        """q(z | u_k) for every pseudo-input, batch (K,), event (D,)."""
+        u = self.pseudo_inputs.u
+        if callable(getattr(self.encoder, "posterior", None)):
+            return self.encoder.posterior(u)
+        loc, scale = self.encoder.loc_scale(u)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def distribution(self) -> dist.MixtureSameFamily:
+        """p(z), batch (), event (D,)."""
+        components = self.components()
+        uniform = dist.Categorical(logits=self.pseudo_inputs.u.new_zeros(components.batch_shape[-1]))
+        return dist.MixtureSameFamily(uniform, components)
+
+    def forward(self) -> torch.Tensor:
+        register(self.pseudo_inputs)
+        register(self.encoder)  # the guide's name for it: one set of parameters in the param store
+        return pyro.sample(self.site, self.distribution())
+
+
+class FlowPrior(nn.Module):
+    """A normalizing-flow prior: N(0, I) pushed through learned masked autoregressive transforms.
+
+    z = f(ε), ε ~ N(0, I), with f⁻¹ = g_T ∘ … ∘ g_1 and each g_t(y) = y ⊙ exp(s_t(y)) + m_t(y) an
+    affine autoregressive layer (Pyro's ``AffineAutoregressive``; s_t, m_t from a MADE network with
+    ``hidden`` units, so that component i depends on the components before i only), the order
+    reversed between layers. By change of variables, with y_0 = z and y_t = g_t(y_{t−1})::
+
+        log p(z) = log N(y_T; 0, I) + Σ_t Σ_i s_t(y_{t−1})_i
+
+    Evaluating log p(z) costs one network pass per layer (the direction the ELBO needs, as in MAF);
+    sampling costs D passes per layer. A ``TransformedDistribution``: no closed-form KL.
+    Site ``z``, batch (N,), event (D,).
+    """
+
+    def __init__(self, latent_dim: int, num_transforms: int = 2, hidden: tuple[int, ...] | None = None, site: str = "z"):
+        super().__init__()
+        if latent_dim < 2:
+            raise PyrovaeError(f"a flow prior needs a latent dimension of at least 2, got {latent_dim}")
+        hidden = list(hidden) if hidden else [3 * latent_dim + 1]
+        identity = torch.arange(latent_dim)
+        self.site = site
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.arns = nn.ModuleList(
+            AutoRegressiveNN(latent_dim, hidden, permutation=identity if t % 2 == 0 else identity.flip(0))
+            for t in range(num_transforms)
+        )
+
+    def transforms(self) -> list:
+        """ε → z, the layers g_t inverted, in sampling order; fresh objects per call (their caches
+        hold one call's tensors only)."""
+        return [AffineAutoregressive(arn).inv for arn in reversed(self.arns)]
+
+    def distribution(self) -> dist.TransformedDistribution:
+        """p(z), batch (), event (D,)."""
+        return dist.TransformedDistribution(dist.Normal(self.loc, 1.0).to_event(1), self.transforms())
+
+    def forward(self) -> torch.Tensor:
+        register(self)
+        return pyro.sample(self.site, self.distribution())
+
+
 PRIORS.register("normal")(StandardNormal)
+PRIORS.register("mixture")(MixturePrior)
+PRIORS.register("vamp")(VampPrior)
+PRIORS.register("flow")(FlowPrior)

@@ -3,14 +3,16 @@
 Generative model::
 
     z_n ~ p(z)                       prior (default N(0, I))
-    x_n ~ p(x | decoder_θ(z_n))      likelihood (Bernoulli or continuous Bernoulli)
+    x_n ~ p(x | decoder_θ(z_n))      likelihood (default Bernoulli; see LIKELIHOODS)
 
-Guide: q_φ(z_n | x_n) = N(μ_φ(x_n), diag σ_φ(x_n)²). Site shapes for a batch x (N, P):
-``z`` batch (N,) event (D,); ``x`` batch (N,) event (P,).
+Guide: q_φ(z_n | x_n), by default N(μ_φ(x_n), diag σ_φ(x_n)²). Site shapes for a batch x (N, P):
+``z`` batch (N,) event (D,); ``x`` batch (N,) event (P,). The prior, likelihood and guide are
+picked by name from their registries; the networks are MLPs, or convolutional for 28 × 28 images.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -18,11 +20,15 @@ import pyro
 import torch
 from torch import nn
 
+from pyrovae.errors import PyrovaeError
 from pyrovae.guides import GUIDES
 from pyrovae.nn import mlp, register
 
 from .likelihoods import LIKELIHOODS
+from .networks import IMAGE_SHAPE, ConvDecoder, ConvEncoder, check_image_shape
 from .priors import PRIORS
+
+NETWORKS = ("mlp", "conv")
 
 
 @dataclass
@@ -34,6 +40,7 @@ class VAEConfig:
     likelihood: str = "bernoulli"  # see LIKELIHOODS.names()
     prior: str = "normal"  # see PRIORS.names()
     guide: str = "diagonal"  # see GUIDES.names()
+    network: Literal["mlp", "conv"] = "mlp"  # conv: 28 × 28 single-channel images only
 
     def to_dict(self) -> dict:
         return {"name": "vae", **asdict(self), "hidden": list(self.hidden)}
@@ -71,15 +78,30 @@ class VAE(nn.Module):
 
 
 def build_vae(config: VAEConfig) -> VAE:
-    """The VAE a config describes: MLP decoder D → hidden → P (× the likelihood's parameters per
-    value), and the guide, prior and likelihood named in it, built through their registries."""
+    """The VAE a config describes: decoder D → hidden → P (× the likelihood's parameters per
+    value), the encoder mirroring it, and the guide, prior and likelihood named in it, built
+    through their registries. ``network="conv"`` puts convolutions next to the images on both
+    sides (:class:`~pyrovae.models.networks.ConvEncoder`, :class:`~pyrovae.models.networks.ConvDecoder`)."""
+    if config.network not in NETWORKS:
+        raise PyrovaeError(f"unknown network {config.network!r}; known: {', '.join(NETWORKS)}")
     likelihood = LIKELIHOODS.build(config.likelihood, data_dim=config.data_dim)
-    out_dim = config.data_dim * getattr(likelihood, "params_per_dim", 1)
-    encoder = GUIDES.build(config.guide, data_dim=config.data_dim, latent_dim=config.latent_dim,
-                           hidden=config.hidden[::-1], activation=config.activation)
+    params_per_dim = getattr(likelihood, "params_per_dim", 1)
+    hidden, activation = tuple(config.hidden), config.activation
+    make_net = None
+    if config.network == "conv":
+        if config.data_dim != 784:
+            raise PyrovaeError(f"network 'conv' needs images of shape {IMAGE_SHAPE} (784 values), got {config.data_dim} values: use network='mlp'")
+        if "make_net" not in inspect.signature(GUIDES[config.guide]).parameters:
+            raise PyrovaeError(f"guide {config.guide!r} takes no network (no make_net argument): use network='mlp'")
+        make_net = lambda out_dim: ConvEncoder(out_dim, hidden[::-1], activation)  # noqa: E731
+        decoder = ConvDecoder(config.latent_dim, hidden, activation, channels=params_per_dim)
+    else:
+        decoder = mlp([config.latent_dim, *hidden, config.data_dim * params_per_dim], activation)
+    context = dict(data_dim=config.data_dim, latent_dim=config.latent_dim, hidden=hidden[::-1], activation=activation)
+    encoder = GUIDES.build(config.guide, **context, **({"make_net": make_net} if make_net else {}))
     return VAE(
         encoder=encoder,
-        decoder=mlp([config.latent_dim, *config.hidden, out_dim], config.activation),
+        decoder=decoder,
         prior=PRIORS.build(config.prior, latent_dim=config.latent_dim, data_dim=config.data_dim, encoder=encoder),
         likelihood=likelihood,
     )
@@ -94,10 +116,14 @@ def vae(
     likelihood: str = "bernoulli",
     prior: str = "normal",
     guide: str = "diagonal",
+    network: str = "mlp",
 ) -> VAE:
     """The built-in VAE as a model factory (``pyrovae train --model pyrovae.models:vae``, the default).
 
     Called as every factory is, ``vae(data_dim=P, image_shape=(C, H, W) or None, **model_args)``;
-    the other arguments are the fields of :class:`VAEConfig`.
+    the other arguments are the fields of :class:`VAEConfig`. ``network="conv"`` needs
+    ``image_shape=(1, 28, 28)``.
     """
-    return build_vae(VAEConfig(data_dim, latent_dim, tuple(hidden), activation, likelihood, prior, guide))
+    if network == "conv":
+        check_image_shape(image_shape)
+    return build_vae(VAEConfig(data_dim, latent_dim, tuple(hidden), activation, likelihood, prior, guide, network))

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
 
@@ -68,9 +69,11 @@ from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.poutine.trace_struct import Trace
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
+from torch.fx.experimental.const_fold import split_const_subgraphs
+from torch.fx.experimental.proxy_tensor import make_fx
 from tqdm.auto import tqdm
 
-from . import estimators
+from . import contract, estimators
 from .diagnostics import effective_sample_size
 from .errors import ContractError, PyrovaeError
 from .estimators import Estimate
@@ -272,6 +275,41 @@ class _Path:
         return State(u.detach(), log_f0.detach(), (log_p - log_f0).detach(), grad_f0, grad_p - grad_f0)
 
 
+def _capture(path: _Path, state: State) -> Callable[[torch.Tensor], State]:
+    """``path`` as one graph of tensor operations: the model, the guide, their log-densities and the
+    backward passes traced once by ``make_fx`` at ``state`` (parameters and data become constants),
+    dead code removed and the parts that do not depend on u (the encoder on x, transposed weights)
+    computed once. Replaying it skips Pyro's per-call tracing. The trace fixes Python control flow
+    at its first evaluation, so the graph is checked against ``state``; ``path`` itself is returned
+    (with a logged warning) if tracing fails or disagrees.
+    """
+    def f(u):
+        return tuple(path(u)[1:])
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # const_fold warns about the attributes it creates
+            graph = make_fx(f)(state.u)
+            graph.graph.eliminate_dead_code()
+            graph.recompile()
+            graph = split_const_subgraphs(graph)
+            with torch.no_grad():
+                replayed = graph(state.u)
+    except Exception as e:  # an operation make_fx cannot trace
+        log.warning("tracing the AIS log-density failed (%s: %s); continuing without tracing", type(e).__name__, e)
+        return path
+    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True) for a, b in zip(replayed, state[1:])):
+        log.warning("the traced AIS log-density differs from the model's (Python control flow that depends on "
+                    "the latent values?); continuing without tracing")
+        return path
+
+    def density(u: torch.Tensor) -> State:
+        with torch.no_grad():  # the graph holds its backward pass: no autograd needed
+            return State(u, *graph(u))
+
+    return density
+
+
 # ---------------------------------------------------------------- one pass: the chains of a batch of points
 
 
@@ -285,7 +323,7 @@ class _Pass:
 def _anneal(
     density: Callable[[torch.Tensor], State], u: torch.Tensor, betas: torch.Tensor, num_leapfrog: int,
     step_size: torch.Tensor, tune: slice | None, step_sizes: torch.Tensor | None = None,
-    target_accept: float = TARGET_ACCEPT, on_step: Callable[[], None] | None = None,
+    target_accept: float = TARGET_ACCEPT, on_step: Callable[[], None] | None = None, initial: State | None = None,
 ) -> _Pass:
     """Run the chains at u (C, B, D) along ``betas`` (forward 0 → 1 or reverse 1 → 0).
 
@@ -293,7 +331,7 @@ def _anneal(
     transition from the mean acceptance probability of the chains ``u[tune]`` (see the module
     docstring); ``step_sizes`` (T−1, B) fixes it per transition instead.
     """
-    state = density(u)
+    state = density(u) if initial is None else initial
     C, B = state.log_f0.shape
     log_w = torch.zeros(C, B, dtype=torch.float64, device=u.device)
     accept_sum = torch.zeros(C, B, dtype=torch.float64, device=u.device)
@@ -363,6 +401,18 @@ class AISResult:
         return {"log_px": self.log_px.value.tolist(), "log_px_stderr": self.log_px.stderr.tolist(),
                 "ess": self.ess.tolist(), "accept": self.accept.tolist(), "step_size": self.step_size.tolist()}
 
+    def table(self) -> str:
+        """Readable rows: the mean over points with its standard error across points, and the diagnostics."""
+        s = self.summary()
+        name = "log p(x), AIS " + ("lower bound" if self.bound == "lower" else "upper bound (reverse)")
+        return "\n".join([
+            f"AIS with HMC: {self.settings()}; nats per data point, mean and s.e. across points",
+            _row(name, *s["log_px"]),
+            _row("  Monte Carlo s.e. per point, mean", s["log_px_stderr_mean"], math.nan),
+            f"ESS mean {s['ess_mean']:.1f} of M={self.num_chains}; HMC acceptance mean {s['accept_mean']:.2f}, "
+            f"step size mean {s['step_size_mean']:.3g}",
+        ])
+
 
 @dataclass
 class BDMCResult:
@@ -388,6 +438,26 @@ class BDMCResult:
                 "gap": self.gap.value.tolist(), "accept_forward": self.lower.accept.tolist(),
                 "accept_reverse": self.upper.accept.tolist()}
 
+    def table(self) -> str:
+        s = self.summary()
+        return "\n".join([
+            f"BDMC on {s['num_points']} points simulated from the model, AIS with HMC: {self.lower.settings()}",
+            _row("log p(x) lower bound, forward AIS", *s["lower"]["log_px"]),
+            _row("log p(x) upper bound, reverse AIS", *s["upper"]["log_px"]),
+            _row("gap upper − lower", *s["gap"]),
+            f"HMC acceptance mean {s['lower']['accept_mean']:.2f} forward, {s['upper']['accept_mean']:.2f} reverse; "
+            "s.e. across points (data variation). A gap near 0 says AIS is accurate on data like these.",
+        ])
+
+
+ROW_WIDTH = 40
+
+
+def _row(name: str, value: float, stderr: float) -> str:
+    """One row as in :meth:`pyrovae.evaluate.Evaluation.table`; a nan cell is left blank."""
+    cells = ["" if math.isnan(v) else f"{v:.3f}" for v in (value, stderr)]
+    return f"{name:<{ROW_WIDTH}}  {cells[0]:>10}  {cells[1]:>8}".rstrip()
+
 
 def _nanmean(t: torch.Tensor) -> float:
     ok = ~t.isnan()
@@ -404,77 +474,83 @@ def _result(log_w: torch.Tensor, accept, step_size, settings: dict, bound: str) 
 # ---------------------------------------------------------------- the estimators
 
 
-def _check_settings(num_steps, num_chains, num_leapfrog, step_size, start, schedule, tune_chains):
-    if num_steps < 1:
-        raise PyrovaeError(f"the number of AIS steps T must be at least 1, got {num_steps}")
-    if num_chains < 1:
-        raise PyrovaeError(f"the number of AIS chains M must be at least 1, got {num_chains}")
-    if num_leapfrog < 1:
-        raise PyrovaeError(f"the number of leapfrog steps L must be at least 1, got {num_leapfrog}")
-    if not step_size > 0:
-        raise PyrovaeError(f"the HMC step size must be positive, got {step_size}")
-    if tune_chains < 1:
-        raise PyrovaeError(f"step-size adaptation needs at least 1 tuning chain, got {tune_chains}")
-    if start not in ("guide", "prior"):
-        raise PyrovaeError(f"AIS starts from the guide or the prior, got {start!r}")
-    if isinstance(schedule, str) and schedule not in SCHEDULES:
-        raise PyrovaeError(f"unknown AIS schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+@dataclass
+class AISSettings:
+    """How AIS runs; the defaults are Wu et al. (2017)'s except T and M, which they vary."""
+
+    num_steps: int = DEFAULT_STEPS  # T intermediate distributions; T − 1 HMC transitions per chain
+    num_chains: int = DEFAULT_CHAINS  # M estimating chains per point
+    num_leapfrog: int = DEFAULT_LEAPFROG  # L leapfrog steps per transition
+    step_size: float = DEFAULT_STEP_SIZE  # initial HMC step size (unconstrained units)
+    adapt: bool = True  # adapt the step size per point from the tuning chains
+    tune_chains: int = TUNE_CHAINS  # extra chains per point whose acceptance drives the adaptation
+    target_accept: float = TARGET_ACCEPT
+    schedule: str | torch.Tensor = "sigmoid"  # "sigmoid", "linear", or T + 1 values from 0 to 1
+    start: Start = "guide"  # f_0: the guide q(z | x) or the prior p(z)
+    batch_size: int | None = None  # points per pass; default: as many as fit PASS_SIZE chains
+    capture: bool = True  # replay the log-density as a traced graph (see _capture)
+
+    def check(self) -> None:
+        for name, value in (("steps T", self.num_steps), ("chains M", self.num_chains), ("leapfrog steps L", self.num_leapfrog)):
+            if value < 1:
+                raise PyrovaeError(f"the number of AIS {name} must be at least 1, got {value}")
+        if not self.step_size > 0:
+            raise PyrovaeError(f"the HMC step size must be positive, got {self.step_size}")
+        if self.adapt and self.tune_chains < 1:
+            raise PyrovaeError(f"step-size adaptation needs at least 1 tuning chain, got {self.tune_chains}")
+        if self.start not in ("guide", "prior"):
+            raise PyrovaeError(f"AIS starts from the guide or the prior, got {self.start!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise PyrovaeError(f"the AIS batch size must be at least 1, got {self.batch_size}")
+        self.betas()
+
+    def betas(self) -> torch.Tensor:
+        """β_0..β_T, (T+1,) float64."""
+        if isinstance(self.schedule, str):
+            if self.schedule not in SCHEDULES:
+                raise PyrovaeError(f"unknown AIS schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+            return SCHEDULES[self.schedule](self.num_steps)
+        betas = torch.as_tensor(self.schedule, dtype=torch.float64).cpu()
+        if betas.dim() != 1 or len(betas) != self.num_steps + 1 or betas[0] != 0 or betas[-1] != 1 or (betas.diff() < 0).any():
+            raise PyrovaeError(f"an AIS schedule must be T + 1 = {self.num_steps + 1} non-decreasing values from 0 to 1")
+        return betas
+
+    @property
+    def adapting(self) -> bool:
+        return self.adapt and self.num_steps > 1
 
 
-def _betas(schedule, num_steps: int) -> torch.Tensor:
-    if isinstance(schedule, str):
-        return SCHEDULES[schedule](num_steps)
-    betas = torch.as_tensor(schedule, dtype=torch.float64)
-    if betas.dim() != 1 or len(betas) != num_steps + 1 or betas[0] != 0 or betas[-1] != 1 or (betas.diff() < 0).any():
-        raise PyrovaeError(f"an AIS schedule must be T + 1 = {num_steps + 1} non-decreasing values from 0 to 1")
-    return betas
+def ais(model: Callable, guide: Callable, x: torch.Tensor, *args, progress: bool = False, **options) -> AISResult:
+    """AIS estimate of log p(x) per data point, a stochastic lower bound: x (N, P) → (N,) values.
 
-
-def ais(
-    model: Callable, guide: Callable, x: torch.Tensor, *args,
-    num_steps: int = DEFAULT_STEPS, num_chains: int = DEFAULT_CHAINS, num_leapfrog: int = DEFAULT_LEAPFROG,
-    step_size: float = DEFAULT_STEP_SIZE, adapt: bool = True, tune_chains: int = TUNE_CHAINS,
-    target_accept: float = TARGET_ACCEPT, schedule: str | torch.Tensor = "sigmoid", start: Start = "guide",
-    batch_size: int | None = None, progress: bool = False, **kwargs,
-) -> AISResult:
-    """AIS estimate of log p(x) per data point (a stochastic lower bound), x (N, P) → (N,) values.
-
-    ``num_steps`` T intermediate distributions along ``schedule`` ("sigmoid", "linear" or T + 1
-    values), ``num_chains`` M estimating chains per point, ``num_leapfrog`` L leapfrog steps per HMC
-    transition (T − 1 transitions per chain). ``start``: f_0 is the guide q(z | x) or the model's
-    prior. ``adapt``: adapt the step size per point from ``tune_chains`` extra chains (see the module
-    docstring); otherwise ``step_size`` is used throughout. ``batch_size`` points per pass (default:
-    as many as fit 4096 chains). ``model(x, *args, **kwargs)`` and ``guide(x, *args, **kwargs)``
-    keep the model/guide contract.
+    ``options`` are the fields of :class:`AISSettings` (``num_steps``, ``num_chains``,
+    ``num_leapfrog``, ``step_size``, ``adapt``, ``tune_chains``, ``target_accept``, ``schedule``,
+    ``start``, ``batch_size``, ``capture``); ``args`` go to ``model(x, *args)`` and ``guide(x, *args)``,
+    which keep the model/guide contract.
     """
-    return _run(model, guide, x, args, kwargs, None, num_steps, num_chains, num_leapfrog, step_size, adapt, tune_chains,
-                target_accept, schedule, start, batch_size, progress)[0]
+    settings = AISSettings(**options)
+    return _run(model, guide, x, args, settings, None, progress)[0]
 
 
-def bdmc(
-    model: Callable, guide: Callable, x: torch.Tensor, *args,
-    num_steps: int = DEFAULT_STEPS, num_chains: int = DEFAULT_CHAINS, num_leapfrog: int = DEFAULT_LEAPFROG,
-    step_size: float = DEFAULT_STEP_SIZE, adapt: bool = True, tune_chains: int = TUNE_CHAINS,
-    target_accept: float = TARGET_ACCEPT, schedule: str | torch.Tensor = "sigmoid", start: Start = "guide",
-    batch_size: int | None = None, progress: bool = False, **kwargs,
-) -> BDMCResult:
+def bdmc(model: Callable, guide: Callable, x: torch.Tensor, *args, progress: bool = False, **options) -> BDMCResult:
     """Bidirectional Monte Carlo on len(x) points simulated from the model (x gives only the shape).
 
     Draws (z, x') ~ p(z) p(x | z) with :func:`simulate`, then per point forward AIS on x' (the lower
     bound, as :func:`ais`) and reverse AIS started at the exact z, from β = 1 to 0, with the forward
-    pass's step size for each intermediate distribution (the upper bound). Options as :func:`ais`.
+    pass's step size at each intermediate distribution (the upper bound). Options as :func:`ais`.
     """
-    x_sim, latents = simulate(model, x, *args, **kwargs)
-    lower, upper = _run(model, guide, x_sim, args, kwargs, latents, num_steps, num_chains, num_leapfrog, step_size,
-                        adapt, tune_chains, target_accept, schedule, start, batch_size, progress)
+    settings = AISSettings(**options)
+    settings.check()
+    x_sim, latents = simulate(model, x, *args)
+    lower, upper = _run(model, guide, x_sim, args, settings, latents, progress)
     return BDMCResult(lower, upper, x_sim)
 
 
-def simulate(model: Callable, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def simulate(model: Callable, x: torch.Tensor, *args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(x', z) ~ p(z) p(x | z) for len(x) points: the model run with its observation sampled
     (``poutine.uncondition``); x only gives the shape. Returns x' (N, P) and {latent site: (N, *event)}."""
     with torch.no_grad(), fast_context():
-        trace = poutine.trace(poutine.uncondition(model)).get_trace(x, *args, **kwargs)
+        trace = poutine.trace(poutine.uncondition(model)).get_trace(x, *args)
     observed = [name for name, site in _sample_sites(trace) if site["infer"].get("was_observed")]
     if len(observed) != 1:
         raise ContractError(f"simulating data needs exactly one observed site in the model, found {observed}")
@@ -485,47 +561,51 @@ def simulate(model: Callable, x: torch.Tensor, *args, **kwargs) -> tuple[torch.T
     return x_sim.to(x.dtype), latents
 
 
-def _run(model, guide, x, args, kwargs, latents, num_steps, num_chains, num_leapfrog, step_size, adapt, tune_chains,
-         target_accept, schedule, start, batch_size, progress) -> tuple[AISResult, AISResult | None]:
+def _density(path: _Path, u: torch.Tensor, capture: bool) -> tuple[Callable[[torch.Tensor], State], State]:
+    state = path(u)
+    return (_capture(path, state) if capture else path), state
+
+
+def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | None, progress: bool) -> tuple[AISResult, AISResult | None]:
     """Forward AIS on every point; with ``latents`` (exact posterior draws), reverse AIS too."""
-    _check_settings(num_steps, num_chains, num_leapfrog, step_size, start, schedule, tune_chains)
+    s.check()
     if len(x) == 0:
         raise PyrovaeError("no data points to estimate log p(x) for")
-    betas = _betas(schedule, num_steps)
-    adapt = adapt and num_steps > 1
-    C = num_chains + (tune_chains if adapt else 0)
-    batch_size = max(1, PASS_SIZE // C) if batch_size is None else batch_size
-    if batch_size < 1:
-        raise PyrovaeError(f"the AIS batch size must be at least 1, got {batch_size}")
-    N, M = len(x), num_chains
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "accept", "step", "log_w_rev", "accept_rev", "step_rev")}
-    passes = 2 if latents is not None else 1
-    with fast_context(), tqdm(total=N * passes * max(num_steps - 1, 1), disable=not progress, unit="point-step",
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # the check's draws leave the chains' alone
+        contract.check(model, guide, x[:8], "the data for AIS")
+    betas = s.betas()
+    N, M = len(x), s.num_chains
+    C = M + (s.tune_chains if s.adapting else 0)
+    batch_size = max(1, PASS_SIZE // C) if s.batch_size is None else s.batch_size
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "accept", "step", "log_w_rev", "accept_rev")}
+    passes = 1 if latents is None else 2
+    with fast_context(), tqdm(total=N * passes * max(s.num_steps - 1, 1), disable=not progress, unit="point-step",
                               dynamic_ncols=True) as bar:
         for begin in range(0, N, batch_size):
             rows = slice(begin, min(begin + batch_size, N))
             xb = x[rows]
             B = len(xb)
             on_step = (lambda: bar.update(B)) if progress else None
-            eps0 = torch.full((B,), float(step_size), dtype=torch.float64, device=x.device)
-            path = _Path(model, guide, xb, C, start, args, kwargs)
-            forward = _anneal(path, path.initial, betas, num_leapfrog, eps0, slice(M, C) if adapt else None,
-                              target_accept=target_accept, on_step=on_step)
+            eps0 = torch.full((B,), float(s.step_size), dtype=torch.float64, device=x.device)
+            path = _Path(model, guide, xb, C, s.start, args, {})
+            density, state = _density(path, path.initial, s.capture and s.num_steps > 1)
+            forward = _anneal(density, state.u, betas, s.num_leapfrog, eps0, slice(M, C) if s.adapting else None,
+                              target_accept=s.target_accept, on_step=on_step, initial=state)
             out["log_w"].append(forward.log_w[:M].cpu())
             out["accept"].append(forward.accept[:M].mean(0).cpu())
-            out["step"].append(forward.step_sizes.mean(0).cpu() if num_steps > 1 else eps0.cpu())
+            out["step"].append((forward.step_sizes.mean(0) if s.num_steps > 1 else eps0).cpu())
             if latents is None:
                 continue
-            path = _Path(model, guide, xb, M, start, args, kwargs)
-            u = path.to_unconstrained({name: value[rows] for name, value in latents.items()})
-            reverse = _anneal(path, u, betas.flip(0), num_leapfrog, eps0, None, step_sizes=forward.step_sizes.flip(0),
-                              on_step=on_step)
+            path = _Path(model, guide, xb, M, s.start, args, {})
+            density, state = _density(path, path.to_unconstrained({name: v[rows] for name, v in latents.items()}),
+                                      s.capture and s.num_steps > 1)
+            reverse = _anneal(density, state.u, betas.flip(0), s.num_leapfrog, eps0, None,
+                              step_sizes=forward.step_sizes.flip(0), on_step=on_step, initial=state)
             out["log_w_rev"].append(reverse.log_w.cpu())
             out["accept_rev"].append(reverse.accept.mean(0).cpu())
-            out["step_rev"].append(out["step"][-1])
-    settings = dict(num_steps=num_steps, num_chains=num_chains, num_leapfrog=num_leapfrog, start=start)
-    lower = _result(torch.cat(out["log_w"], 1), torch.cat(out["accept"]), torch.cat(out["step"]), settings, "lower")
+    info = dict(num_steps=s.num_steps, num_chains=M, num_leapfrog=s.num_leapfrog, start=s.start)
+    step = torch.cat(out["step"])
+    lower = _result(torch.cat(out["log_w"], 1), torch.cat(out["accept"]), step, info, "lower")
     if latents is None:
         return lower, None
-    upper = _result(torch.cat(out["log_w_rev"], 1), torch.cat(out["accept_rev"]), torch.cat(out["step_rev"]), settings, "upper")
-    return lower, upper
+    return lower, _result(torch.cat(out["log_w_rev"], 1), torch.cat(out["accept_rev"]), step, info, "upper")

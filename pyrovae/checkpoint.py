@@ -135,13 +135,18 @@ def _unreadable(path: Path, error: Exception) -> PyrovaeError:
     if damage is not None:
         return PyrovaeError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({damage})")
     if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
-        refused = re.findall(r"GLOBAL ([\w.]+)", str(error)) or imports  # what torch refused, where it says
-        what = f" ({', '.join(sorted(set(refused)))})" if refused else ""
+        foreign = [name for name in imports if name.split(".")[0] not in _TENSOR_MODULES]
+        named = foreign or re.findall(r"GLOBAL ([\w.]+)", str(error))  # else what torch says it refused
+        what = f" ({', '.join(sorted(set(named)))})" if named else ""
         return PyrovaeError(
             f"checkpoint {path} holds code or objects that are not plain tensors{what} and was not loaded: "
             "pyrovae loads only tensors, numbers, strings and containers of them, so that opening a file cannot run code"
         )
     return PyrovaeError(f"cannot read checkpoint {path}: {_first_line(error)}")
+
+
+_TENSOR_MODULES = {"torch", "collections", "_codecs"}
+"""Modules whose names a plain ``torch.save`` of tensors and containers imports."""
 
 
 def _scan(path: Path) -> tuple[str | None, list[str]]:

@@ -23,16 +23,26 @@ def _sample_sites(trace) -> dict[str, dict]:
     return {name: site for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)}
 
 
+def _raised(program: str, e: Exception) -> ContractError:
+    """The user's program failed: say where, in one line, with the fix for Pyro's plate shape error."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    hint = ""
+    if "Shape mismatch inside plate" in first:
+        hint = ("; a site's batch shape must be exactly (N,), the data plate: declare its other dimensions as "
+                "event dimensions with .to_event()")
+    return ContractError(f"the {program} raised {type(e).__name__}: {first}{hint}")
+
+
 def traces(model: Callable, guide: Callable, x: torch.Tensor):
     """(guide trace, model trace replayed on it) for x; a program that raises becomes a ContractError."""
     try:
         guide_trace = poutine.trace(guide).get_trace(x)
     except Exception as e:  # the user's code: say where it failed, keep no traceback
-        raise ContractError(f"the guide raised {type(e).__name__}: {e}") from e
+        raise _raised("guide", e) from e
     try:
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     except Exception as e:
-        raise ContractError(f"the model raised {type(e).__name__}: {e}") from e
+        raise _raised("model", e) from e
     return guide_trace, model_trace
 
 

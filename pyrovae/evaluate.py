@@ -18,11 +18,11 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import diagnostics, estimators
+from . import contract, diagnostics, estimators
 from .errors import PyrovaeError
 from .estimators import Estimate, KLEstimate
 from .evidence import log_weights
-from .train import fast_context
+from .context import fast_context
 
 DEFAULT_IWAE_KS = (1, 5, 50, 5000)
 PASS_SIZE = 5000  # draws per pass when the batch size is not given
@@ -135,6 +135,9 @@ def evaluate(
     (for K = 5000, one point with all its draws was faster than batches of points in chunks).
     ``compile`` computes every site's log-density with ``torch.compile`` (the first call
     compiles for some seconds; worth it for K in the thousands).
+
+    The contract, and the data against the observed site's support, are checked first on a few
+    points: grey levels under a Bernoulli likelihood are refused, not scored.
     """
     if num_samples < 1:
         raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {num_samples}")
@@ -145,6 +148,7 @@ def evaluate(
         raise PyrovaeError(f"the batch size must be at least 1, got {batch_size}")
     if len(x) == 0:
         raise PyrovaeError("no data points to evaluate")
+    contract.check(model, guide, x[:8], "the data to evaluate")
     ks = sorted({k for k in iwae_ks if k <= num_samples} | {num_samples})
     N = len(x)
     # Results are written into tensors of length N allocated once: keeping thousands of small

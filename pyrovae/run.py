@@ -205,6 +205,8 @@ class Run:
             return factory.BUILTIN
         if m.get("file"):
             copy = self.path / m["file"]["copy"]
+            if not copy.is_file() and not (self.path / CONFIG).is_file():  # a new run, not yet written
+                return m["factory"]
             original = Path(m["file"]["original"])
             if original.is_file() and factory.sha256(original) != m["file"]["sha256"]:
                 self.notes.append(f"note: {original} has changed since training; using the copy recorded in {copy}")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -26,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import contract, params as parameters
 from .errors import PyrovaeError
-from .nn import skip_registration
+from .context import fast_context
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +56,6 @@ def elbo_loss(model: Callable, guide: Callable, num_particles: int = 1) -> Calla
         return elbo.differentiable_loss(model, guide, *args, **kwargs)
 
     return loss
-
-
-@contextmanager
-def fast_context():
-    """Settings for the engine's own loops: no per-call validation of distribution arguments (the
-    data are checked once when loaded), and no param-store registration (the optimizer holds the
-    parameters)."""
-    with pyro.validation_enabled(False), skip_registration(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)  # train_step reports it
-        yield
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Adam:

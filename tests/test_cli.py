@@ -211,7 +211,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         pytest.param(["--device", "cuda"], r"CUDA is not available .*--device cpu", id="device-cuda", marks=no_cuda),
         pytest.param(["--dataset", "tiny.npy", "--batch-size", "64"], r"batch size 64 is larger than the 8 training points", id="batch-too-large"),
         pytest.param(["--dataset", "big.npy"], r"dynamic binarization needs values in \[0, 1\], got min 2, max 2: rescale", id="values-above-1"),
-        pytest.param(["--dataset", "grey.npy", "--binarize", "none"], r"observed site 'x'\) has \d+ values outside the support \\{0, 1\\}.*--binarize static or dynamic.*continuous-bernoulli", id="grey-bernoulli"),
+        pytest.param(["--dataset", "grey.npy", "--binarize", "none"], r"observed site 'x'\) has \d+ values outside the support \{0, 1\}.*--binarize static or dynamic.*continuous-bernoulli", id="grey-bernoulli"),
         pytest.param(["--dataset", "mnist", "--data-dir", "empty"], r"mnist not found: looked for train-images-idx3-ubyte.*--data-dir", id="mnist-missing"),
         pytest.param(["--resume"], r"X is not a run folder \(no config\.json\)", id="resume-nothing"),
     ],

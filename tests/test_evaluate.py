@@ -1,13 +1,16 @@
 """Evaluation of a trained VAE, the evaluate command, and its errors."""
 
 import json
+import math
 
 import arviz
 import pytest
 import torch
 
+from pyrovae import estimators, evidence
 from pyrovae.cli.main import main
 from pyrovae.data import Batches, load_dataset, static_binarized
+from pyrovae.estimators import Estimate
 from pyrovae.evaluate import evaluate, to_inference_data
 from pyrovae.models import VAEConfig, build_vae
 from pyrovae.train import TrainConfig, fit
@@ -22,20 +25,75 @@ def trained_digits_vae():
     return vae, static_binarized(data.test, 1)[:40]
 
 
-def test_trained_vae_importance_sampling_beats_elbo_and_iwae_rises(trained_digits_vae):
-    vae, x = trained_digits_vae
-    torch.manual_seed(1)
-    result = evaluate(vae.model, vae.guide, x, num_samples=500, iwae_ks=(1, 5, 50), batch_size=8)
-    # log p(x) ≥ ELBO pointwise up to Monte Carlo error
+K, IWAE_KS = 1000, (1, 4, 16)  # rises L_1 → L_4 → L_16 → L_K of ≈ 45, 13 and 5 combined standard errors here
+
+
+def mean_and_stderr(estimate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over the points of a per-point estimate and its Monte Carlo standard error."""
+    n = estimate.value.numel()
+    return estimate.value.mean(), (estimate.stderr**2).sum().sqrt() / n
+
+
+def evaluation_problems(result) -> list[str]:
+    """The properties of a trained VAE's evaluation that fail, by name; [] when all hold.
+
+    - log p(x) ≥ ELBO: at every point within 3 Monte Carlo standard errors, and on average by
+      more than 3 standard errors of the mean gap;
+    - the IWAE bounds rise with k: each rise of the mean, L_k → L_k' (L_K is the importance-sampled
+      log p(x), whose standard error is the delta method's), exceeds 3 combined standard errors;
+    - the analytic KL agrees with its Monte Carlo estimate: the mean of the per-point z-scores lies
+      within 3 of its own standard errors of 0, and the z-scores spread as z-scores do (sd < 1.5).
+    """
+    problems = []
     z = (result.log_px.value - result.elbo.value) / (result.log_px.stderr**2 + result.elbo.stderr**2).sqrt()
-    assert (z > -3).float().mean() >= 0.95
-    means = [result.iwae[k].value.mean().item() for k in (1, 5, 50, 500)]
-    assert means == sorted(means)
-    assert result.gap.value.mean() > 0
+    gap, gap_stderr = mean_and_stderr(result.gap)
+    if not (z > -3).all() or gap <= 3 * gap_stderr:
+        problems.append("log p(x) below the ELBO")
+    ks = sorted(result.iwae)
+    bounds = [result.log_px if k == result.num_samples else result.iwae[k] for k in ks]  # L_K has one group
+    for (k, lo), (k_next, hi) in zip(zip(ks, bounds), zip(ks[1:], bounds[1:])):
+        (lo_mean, lo_stderr), (hi_mean, hi_stderr) = mean_and_stderr(lo), mean_and_stderr(hi)
+        if hi_mean - lo_mean <= 3 * (lo_stderr**2 + hi_stderr**2).sqrt():
+            problems.append(f"L_{k_next} does not rise above L_{k}")
+    kl_z = result.kl["z"].z_score
+    if kl_z.mean().abs() >= 3 * kl_z.std() / len(kl_z) ** 0.5 or kl_z.std() >= 1.5:
+        problems.append("analytic KL disagrees with Monte Carlo")
+    return problems
+
+
+def harmonic_mean(log_px):
+    """A broken log p(x): the harmonic mean of the weights, which lies below their geometric mean (the ELBO)."""
+    def broken(log_w):
+        return Estimate(math.log(log_w.shape[0]) - torch.logsumexp(-log_w, 0), log_px(log_w).stderr)
+
+    return broken
+
+
+BROKEN = {  # name → (module, attribute, replacement given the original, the problem it must raise)
+    "iwae-ignores-k": (estimators, "iwae_bound", lambda iwae_bound: lambda log_w, k: iwae_bound(log_w, 1), "does not rise"),
+    "harmonic-mean-log-px": (estimators, "log_px", harmonic_mean, "below the ELBO"),
+    "reversed-kl": (evidence, "_kl", lambda kl: lambda q, p, shape: kl(p, q, shape), "analytic KL"),
+}
+
+
+@pytest.mark.parametrize("variant", ["correct", *BROKEN])
+def test_trained_vae_importance_sampling_beats_elbo_and_iwae_rises(trained_digits_vae, monkeypatch, variant):
+    """The correct estimators pass every check; each deliberately broken one fails the check it breaks."""
+    vae, x = trained_digits_vae
+    if variant != "correct":
+        module, name, replace, _ = BROKEN[variant]
+        monkeypatch.setattr(module, name, replace(getattr(module, name)))
+    torch.manual_seed(1)
+    result = evaluate(vae.model, vae.guide, x, num_samples=K, iwae_ks=IWAE_KS, batch_size=8)
+    problems = evaluation_problems(result)
+    if variant != "correct":
+        assert any(BROKEN[variant][3] in p for p in problems), problems
+        return
+    assert problems == []
     summary = result.summary()
-    assert summary["num_points"] == 40 and summary["num_samples"] == 500
+    assert summary["num_points"] == 40 and summary["num_samples"] == K
     assert summary["kl"]["z"]["method"] == "analytic"
-    assert abs(summary["kl"]["z"]["z_score_mean"]) < 3
+    assert set(summary["iwae"]) == {"1", "4", "16", str(K)}
 
 
 def test_evaluate_batching_does_not_change_the_estimates(trained_digits_vae):

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except PyrovaeError as e:
-        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
