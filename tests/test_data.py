@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import pyrovae.data as data_module
 from pyrovae.data import (
     BINARIZATIONS,
     DATASETS,
@@ -398,15 +399,73 @@ def test_static_is_reproducible_by_seed(grey):
     assert not torch.equal(first, served(Batches(grey, 32, "static", seed=4)))
 
 
-def test_dynamic_draws_afresh_each_pass_with_the_right_mean(grey):
-    batches = Batches(grey, 32, "dynamic", shuffle=False)
-    first, second = served(batches), served(batches)
+def with_row_labels(x: torch.Tensor) -> torch.Tensor:
+    """x with its row index appended in binary, as columns of exact 0s and 1s that binarizing keeps."""
+    bits = max(1, (x.shape[0] - 1).bit_length())
+    labels = (torch.arange(x.shape[0])[:, None] >> torch.arange(bits)) & 1  # (N, bits), least significant first
+    return torch.cat([x, labels.to(x.dtype)], 1)
+
+
+def dynamic_problems(batches: Batches, p: torch.Tensor, passes: int) -> list[str]:
+    """What is wrong with ``passes`` epochs of dynamically binarized batches of ``with_row_labels(p)``:
+
+    - "pairing": some served row does not carry the label of the index served with it;
+    - "frequencies": a pixel's frequency of ones over the passes, f, is off its probability p by
+      5 or more binomial standard errors sqrt(p (1 − p) / passes) (pixels with passes·p(1 − p) ≥ 5,
+      where the binomial is near normal), or the mean of the squared z-scores is off its expected 1
+      by 4 standard errors (Var z² = 2 + (1 − 6 p q) / (passes p q) for a binomial), or a pixel with
+      p = 0 or 1 is not always p;
+    - "afresh": two passes served the same draw.
+    """
+    problems = set()
+    n, width = p.shape
+    weights = 2 ** torch.arange(batches.x.shape[1] - width)
+    ones = torch.zeros_like(p)
+    draws = []
+    for _ in range(passes):
+        out = torch.full_like(batches.x, math.nan)
+        for idx, xb in batches:
+            labels = (xb[:, width:].long() * weights).sum(1)
+            if not torch.equal(labels, idx):
+                problems.add("pairing")
+            out[idx] = xb
+        draws.append(out[:, :width])
+        ones += out[:, :width]
+    if any(torch.equal(a, b) for a, b in zip(draws, draws[1:])):
+        problems.add("afresh")
+    f, pq = ones / passes, p * (1 - p)
+    degenerate = pq == 0
+    if not torch.equal(f[degenerate], p[degenerate]):
+        problems.add("frequencies")
+    normal = passes * pq >= 5
+    z = (f - p)[normal] / (pq[normal] / passes).sqrt()
+    var_z2 = 2 + (1 - 6 * pq[normal]) / (passes * pq[normal])
+    if z.abs().max() >= 5 or abs((z**2).mean() - 1) >= 4 * var_z2.sum().sqrt() / z.numel():
+        problems.add("frequencies")
+    return sorted(problems)
+
+
+DYNAMIC_VARIANTS = {  # name → a replacement for binarize inside Batches, and problems it must raise (among others)
+    "correct": (None, []),
+    "one-minus-p": (lambda x, generator: torch.bernoulli(1 - x, generator=generator), ["frequencies"]),
+    "one-half": (lambda x, generator: torch.bernoulli(torch.full_like(x, 0.5), generator=generator), ["frequencies"]),
+    "permuted-rows": (lambda x, generator: torch.bernoulli(x.roll(1, 0), generator=generator), ["frequencies", "pairing"]),
+}
+
+
+@pytest.mark.parametrize("variant", list(DYNAMIC_VARIANTS))
+def test_dynamic_draws_afresh_each_pass_with_the_right_mean(grey, monkeypatch, variant):
+    """Served through Batches (shuffled, 200 rows in batches of 32), 100 passes of a dynamic
+    binarization give each pixel a frequency of ones that matches its grey level, the rows carry the
+    indices served with them, and no two passes repeat. Broken binarizations are each rejected."""
+    replacement, expected = DYNAMIC_VARIANTS[variant]
+    if replacement is not None:
+        monkeypatch.setattr(data_module, "binarize", replacement)
+    batches = Batches(with_row_labels(grey.double()), 32, "dynamic", seed=1)
+    first = served(batches)
     check_binary(first)
-    assert not torch.equal(first, second)
-    p = grey.double()
-    tolerance = 4 * math.sqrt((p * (1 - p)).sum().item()) / p.numel()  # 4 binomial standard errors
-    for draw in (first, second):
-        assert abs(draw.double().mean().item() - p.mean().item()) < tolerance
+    problems = dynamic_problems(batches, grey.double(), passes=100)
+    assert set(expected) <= set(problems) if expected else problems == [], problems
 
 
 def test_none_serves_x_exactly(grey):
