@@ -26,5 +26,5 @@ for epoch in range(args.epochs):
     loss = sum(svi.step(x) for _, x in batches)
     print(f"epoch {epoch + 1}: train ELBO {-loss / len(data.train):.2f} nats per digit")
 
-x_test = static_binarized(data.test, seed=1)
+x_test = static_binarized(data.test, seed=1)  # the held-out digits, binarized once
 print(evaluate(vae.model, vae.guide, x_test, num_samples=1000).table())

@@ -32,7 +32,7 @@ def _vae_from_config(config: dict) -> VAE:
     return build_vae(VAEConfig.from_dict(config))
 
 
-@MODELS.register("two-layer")
+@MODELS.register("two_layer")  # the factory's name: --model pyrovae.models:two_layer
 def _two_layer_from_config(config: dict) -> TwoLayerVAE:
     """The two-stochastic-layer VAE of Burda, Grosse & Salakhutdinov (2016), sites z1 (top) and z2."""
     return two_layer(**{k: v for k, v in config.items() if k != "name"})

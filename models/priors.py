@@ -38,7 +38,10 @@ MIN_SCALE = 1e-4
 
 
 class StandardNormal(nn.Module):
-    """p(z) = N(0, I): site ``z``, batch (N,) from the enclosing plate, event (D,)."""
+    """The standard normal p(z) = N(0, I), without parameters.
+
+    Site ``z``, batch (N,) from the enclosing plate, event (D,).
+    """
 
     def __init__(self, latent_dim: int, site: str = "z"):
         super().__init__()

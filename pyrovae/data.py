@@ -370,18 +370,36 @@ def _download(name, root):
         ) from e
 
 
+_NUMPY_MAGIC = (b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")  # .npy; .npz (a zip archive, or an empty one)
+
+
 def _load_array_file(path, test_fraction, seed):
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a .npy/.npz file: give the path of the file itself")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
         with open(path, "rb") as file:  # ours to close, also when numpy fails
+            head = file.read(6)
+            if not head:
+                raise DataError(f"{path} is empty (0 bytes): it is not a NumPy .npy/.npz file")
+            if not head.startswith(_NUMPY_MAGIC):  # else numpy takes it for a pickle, and says so
+                raise DataError(
+                    f"{path} is not a NumPy .npy/.npz file (it starts with {head!r}): "
+                    "save arrays with numpy.save (.npy) or numpy.savez (.npz)"
+                )
+            file.seek(0)
             loaded = np.load(file, allow_pickle=False)
             if isinstance(loaded, np.ndarray):
                 arrays = {"train": loaded}
             else:
                 arrays = {key: loaded[key] for key in loaded.files}
+    except DataError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"cannot read {path} as a NumPy .npy/.npz file: {e}") from None
+    if not arrays:
+        raise DataError(f"{path} holds no arrays: save the training data in it as 'train' (numpy.savez(path, train=x))")
     if "train" in arrays:
         train, test = arrays["train"], arrays.get("test")
     elif len(arrays) == 1:

@@ -2,6 +2,13 @@
 
 Each returns the mean of the observed site's distribution (e.g. Bernoulli probabilities), which is
 what a picture of a VAE shows; none of them knows the model's class or its site names.
+
+Prior samples run ``model(x)`` on a placeholder batch of zeros shaped like the data: the latent
+sites draw from the prior, and the placeholder is only the observed site's value, which is never
+read (the picture is the mean of that site's distribution, not a score of the placeholder). A model
+whose latent draws depend on the values of x breaks the contract anyway. Reconstructions and
+interpolations replay the guide's means through the model (a draw at a site whose distribution has
+no closed-form mean, such as a flow).
 """
 
 from __future__ import annotations
@@ -26,11 +33,15 @@ def _observed_mean(model: Callable, x: torch.Tensor, latents: dict[str, torch.Te
 
 
 class _Means(Messenger):
-    """Take the mean of each latent site's distribution instead of a draw."""
+    """Take the mean of each latent site's distribution instead of a draw (a draw where the
+    distribution has no closed-form mean, e.g. a flow)."""
 
     def _pyro_sample(self, msg) -> None:
         if msg["value"] is None and not site_is_subsample(msg):
-            msg["value"] = msg["fn"].mean
+            try:
+                msg["value"] = msg["fn"].mean
+            except NotImplementedError:
+                pass
 
 
 def _guide_means(guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:

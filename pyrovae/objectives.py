@@ -14,8 +14,9 @@ over the batch, whose gradient is the objective's reparameterized gradient estim
     (Burda et al., 2016), from the engine's per-point log-weights (:func:`pyrovae.evidence.site_log_probs`).
 ``iwae-dreg``
     The same value; the guide's gradient is the doubly reparameterized estimator of Tucker et al.
-    (2019), Σ_i w̃_i² ∂log w_i/∂z_i · ∂z_i/∂φ, which has the same expectation as the IWAE gradient
-    and a variance that does not grow with k the way the IWAE one does.
+    (2019), Σ_i w̃_i² ∂log w_i/∂z_i · ∂z_i/∂φ: the same expectation as the IWAE gradient, without
+    its score-function term, so its signal-to-noise ratio for the guide grows with k instead of
+    decaying as the IWAE gradient's does (Rainforth et al., 2018).
 
 β and KL warm-up: ``beta`` multiplies the log-densities of the latent sites, log p(z) and log q(z|x),
 in every objective (β = 1: the plain objective; β = 0: reconstruction only). For ``elbo`` and
@@ -27,7 +28,9 @@ for it (Bowman et al., 2016; Sønderby et al., 2016).
 References:
     Burda, Grosse & Salakhutdinov (2016), *Importance Weighted Autoencoders*.
     Tucker, Lawson, Gu & Maddison (2019), *Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives*.
-    Higgins et al. (2017), *β-VAE*; Sønderby et al. (2016), *Ladder Variational Autoencoders* (warm-up).
+    Rainforth, Kosiorek, Le, Maddison, Igl, Wood & Teh (2018), *Tighter Variational Bounds are Not Necessarily Better*.
+    Higgins et al. (2017), *β-VAE*; Bowman et al. (2016), *Generating Sentences from a Continuous Space*;
+    Sønderby et al. (2016), *Ladder Variational Autoencoders* (KL warm-up).
 """
 
 from __future__ import annotations

@@ -29,6 +29,16 @@ from pyrovae.nn import register
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The chains' tensors are tiny: one torch thread is fastest, and steady on a shared machine
+    (two threads contending with other processes for two cores ran some of these tests 20× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def oracle(kind: str, points: int = 5, seed: int = 100):
     """A linear-Gaussian model, a deliberately poor guide (mean shifted by 1, scale halved, blind
     to x), data drawn from the model's marginal, and the exact log p(x)."""

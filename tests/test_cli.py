@@ -90,7 +90,7 @@ def test_train_writes_a_complete_run_folder(tmp_path, monkeypatch, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["factory"] == "pyrovae.models:vae" and config["model"]["data_dim"] == 64
     assert config["model"]["args"] == {"latent_dim": 4, "hidden": [32], "activation": "relu", "likelihood": "bernoulli",
-                                       "prior": "normal", "guide": "diagonal"}
+                                       "prior": "normal", "guide": "diagonal", "network": "mlp"}
     assert config["train"] == TrainConfig(epochs=3).to_dict()
     assert config["data"]["dataset"] == "digits" and config["data"]["binarize"] == "dynamic"
 

@@ -211,14 +211,35 @@ def test_idx_failed_download_is_a_data_error(tmp_path, monkeypatch):
         load_dataset("fashion-mnist", data_dir=tmp_path, download=True)
 
 
+TRUNCATION_MESSAGES = {  # what a file cut short by 7 bytes is reported as, after its name
+    "raw": "should hold 96 bytes for its 5 x 4 x 4 values, found 89: the file is truncated or corrupt",
+    "gz": ": Compressed file ended before the end-of-stream marker was reached; delete it and download it again",
+}
+
+
+def assert_truncation_reported(directory, path, gz):
+    with pytest.raises(DataError, match=re.escape(path.name) + ".*" + re.escape(TRUNCATION_MESSAGES["gz" if gz else "raw"])):
+        load_dataset("mnist", data_dir=directory)
+
+
+def vague_read_idx(path, magic):
+    """A broken reader: it names the file but not what is wrong with it."""
+    raise DataError(f"cannot read {path}")
+
+
+@pytest.mark.parametrize("variant", ["correct", "vague-message"])
 @pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
-def test_idx_truncated_file_names_the_file(tmp_path, small_idx, gz):
+def test_idx_truncated_file_names_the_file(tmp_path, small_idx, monkeypatch, gz, variant):
+    """The message names the file and says why it cannot be read; one that only names it is rejected."""
     paths = write_small_idx(tmp_path, small_idx, gz=(gz,) * 4)
     path = paths["train_images"]
     path.write_bytes(path.read_bytes()[:-7])
-    expected = "should hold 96 bytes .* found 89" if not gz else ""
-    with pytest.raises(DataError, match=re.escape(path.name) + ".*" + expected):
-        load_dataset("mnist", data_dir=tmp_path)
+    if variant == "correct":
+        assert_truncation_reported(tmp_path, path, gz)
+        return
+    monkeypatch.setattr(data_module, "_read_idx", vague_read_idx)
+    with pytest.raises(AssertionError, match="Regex pattern did not match"):
+        assert_truncation_reported(tmp_path, path, gz)
 
 
 def test_idx_extra_bytes_are_rejected(tmp_path, small_idx):

@@ -7,12 +7,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 from torch.distributions import kl_divergence
 
 from pyrovae import diagnostics, estimators
 from pyrovae.errors import ContractError, PyrovaeError
-from pyrovae.evidence import log_weights
+from pyrovae.evidence import SiteLogProbs, log_weights, site_log_probs
 from pyrovae.guides import LinearGaussianGuide
 from pyrovae.models import PPCA, HierarchicalLinearGaussian
 
@@ -78,6 +79,92 @@ def test_exact_posterior_chunked_equals_unchunked(oracle):
     torch.testing.assert_close(chunked, log_weights(model.model, guide, x, 50).log_w, atol=1e-10, rtol=0)
 
 
+def chunks_of(model, guide, x, num_particles, chunk_size=None, before_chunk=None, join=SiteLogProbs.cat):
+    """log_weights' chunked loop written out, with hooks to break it: ``before_chunk()`` runs before
+    each chunk's draws, ``join(chunks)`` joins the chunks."""
+    chunk_size = chunk_size or num_particles
+    chunks = []
+    for start in range(0, num_particles, chunk_size):
+        if before_chunk is not None:
+            before_chunk()
+        chunks.append(site_log_probs(model, guide, x, min(chunk_size, num_particles - start)))
+    return join(chunks)
+
+
+def join_mispaired(chunks):
+    """Chunks joined with the guide's log-densities in reverse chunk order: each log q meets another draw's log p."""
+    joined = SiteLogProbs.cat(chunks)
+    joined.log_q = SiteLogProbs.cat(chunks[::-1]).log_q
+    return joined
+
+
+CHUNKING = {  # name → a log_weights(model, guide, x, K, chunk_size) and the problem it must show
+    "log_weights": (log_weights, None),
+    "reused-stream": (lambda *a, **k: chunks_of(*a, **k, before_chunk=lambda: pyro.set_rng_seed(0)), "repeated draws"),
+    "mispaired-chunks": (lambda *a, **k: chunks_of(*a, **k, join=join_mispaired), "spreads disagree"),
+    "unseeded-chunks": (lambda *a, **k: chunks_of(*a, **k, before_chunk=torch.seed), "not reproducible"),
+}
+
+
+def chunking_problems(log_weights_fn, model, guide, x, exact, exact_elbo, K=1000, chunk_size=150) -> list[str]:
+    """What goes wrong when ``log_weights_fn`` draws K particles ``chunk_size`` at a time (150 does not
+    divide 1000) and all at once, each under its own fixed seed:
+
+    - "not reproducible": the same seed does not give the same log-weights, to the bit;
+    - "same draws": chunked and unchunked draws are equal (their seeds differ);
+    - "repeated draws": a point's K log-weights are not K distinct numbers (a stream reused across chunks);
+    - "estimates disagree": the ELBO or log p(x) of the chunked draws differs from that of the
+      unchunked draws by 4 or more combined standard errors, or either from the exact value by 4 of its own;
+    - "spreads disagree": the variances of the log-weights differ by 4 or more standard errors
+      (the standard error of a sample variance: sqrt((m4 − s⁴) / K), m4 the fourth central moment).
+    """
+    def draw(seed, chunk):
+        pyro.set_rng_seed(seed)
+        return log_weights_fn(model.model, guide, x, K, chunk).log_w
+
+    problems = []
+    chunked, unchunked = draw(1, chunk_size), draw(2, None)
+    if not (torch.equal(chunked, draw(1, chunk_size)) and torch.equal(unchunked, draw(2, None))):
+        problems.append("not reproducible")
+    if torch.equal(chunked, unchunked):
+        problems.append("same draws")
+    if any(len(column.unique()) < K for log_w in (chunked, unchunked) for column in log_w.T):
+        problems.append("repeated draws")
+    for estimator, truth in ((estimators.elbo, exact_elbo), (estimators.log_px, exact)):
+        a, b = estimator(chunked), estimator(unchunked)
+        z_between = (a.value - b.value) / (a.stderr**2 + b.stderr**2).sqrt()
+        z_exact = torch.stack([(a.value - truth) / a.stderr, (b.value - truth) / b.stderr])
+        if z_between.abs().max() >= 4 or z_exact.abs().max() >= 4:
+            problems.append(f"estimates disagree: {estimator.__name__}")
+
+    def variance_and_stderr(log_w):
+        centred = log_w - log_w.mean(0)
+        var, m4 = (centred**2).mean(0), (centred**4).mean(0)
+        return var, ((m4 - var**2) / K).sqrt()
+
+    (var_a, se_a), (var_b, se_b) = variance_and_stderr(chunked), variance_and_stderr(unchunked)
+    if ((var_a - var_b) / (se_a**2 + se_b**2).sqrt()).abs().max() >= 4:
+        problems.append("spreads disagree")
+    return problems
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", list(CHUNKING))
+def test_mismatched_guide_chunked_agrees_with_unchunked(oracle, variant):
+    """With a guide that is not the posterior every draw has its own weight: chunked draws must be fresh,
+    reproducible by seed and paired site by site, so that their estimates agree with the unchunked
+    ones and with the exact values. Each broken chunking is rejected for what it breaks."""
+    model, x, exact = oracle
+    guide = mismatched_guide(model)
+    exact_elbo = exact - kl_to_posterior(model, guide, x)
+    log_weights_fn, expected = CHUNKING[variant]
+    problems = chunking_problems(log_weights_fn, model, guide, x, exact, exact_elbo)
+    if expected is None:
+        assert problems == []
+    else:
+        assert any(expected in p for p in problems), problems
+
+
 @torch.no_grad()
 def test_mismatched_guide_importance_sampling_finds_log_px(oracle):
     model, x, exact = oracle
@@ -140,13 +227,84 @@ def test_kl_without_closed_form_reports_monte_carlo_only(oracle):
         assert kl.best is kl.monte_carlo
 
 
+def recording(guide, values: dict):
+    """The guide, keeping the values its latent sites draw in ``values``."""
+    def program(x):
+        trace = poutine.trace(guide).get_trace(x)
+        values.update({name: site["value"] for name, site in trace.nodes.items() if name in guide.sites})
+
+    return program
+
+
+def independent_site_terms(model, guide, x, z: dict) -> SiteLogProbs:
+    """Per-site log-densities (K, N) at the draws z (each (K, N, d)), from the oracle's and the
+    (diagonal) guide's parameters with torch.distributions, not through Pyro's traces."""
+    Normal = torch.distributions.Normal
+    loc = x @ guide.F.T + guide.c  # (N, D_u): the guide's mean over the stacked latents
+    scale = guide.L.diagonal().abs()
+    log_q, start = {}, 0
+    for site, d in guide.sites.items():
+        log_q[site] = Normal(loc[:, start : start + d], scale[start : start + d]).log_prob(z[site]).sum(-1)
+        start += d
+    if isinstance(model, PPCA):
+        log_prior = {"z": Normal(0.0, 1.0).log_prob(z["z"]).sum(-1)}
+        bottom = z["z"]
+    else:
+        log_prior = {"z1": Normal(0.0, 1.0).log_prob(z["z1"]).sum(-1),
+                     "z2": Normal(z["z1"] @ model.A.T, model.top_noise).log_prob(z["z2"]).sum(-1)}
+        bottom = z["z2"]
+    log_likelihood = {"x": Normal(bottom @ model.W.T + model.b, model.noise_scale).log_prob(x).sum(-1)}
+    return SiteLogProbs(log_likelihood, log_prior, log_q)
+
+
+def site_term_problems(terms: SiteLogProbs, expected: SiteLogProbs, log_joint: torch.Tensor) -> list[str]:
+    """The per-site terms (and log p(x, z)) of ``terms`` that differ from ``expected`` beyond round-off."""
+    problems = []
+    for kind in ("log_likelihood", "log_prior", "log_q"):
+        ours, theirs = getattr(terms, kind), getattr(expected, kind)
+        if set(ours) != set(theirs):
+            problems.append(f"{kind}: sites {sorted(ours)}, expected {sorted(theirs)}")
+            continue
+        problems += [f"{kind}[{site!r}]" for site in ours if not torch.allclose(ours[site], theirs[site], rtol=1e-10, atol=1e-10)]
+    ours_joint = sum(terms.log_likelihood.values()) + sum(terms.log_prior.values())
+    if not torch.allclose(ours_joint, log_joint, rtol=1e-10, atol=1e-10):
+        problems.append("log p(x, z)")
+    return problems
+
+
+SITE_TERM_BREAKS = {  # name → a mutation of correct per-site terms that still add up to their own log_w, and what it must flag
+    "correct": (lambda t: t, None),
+    "prior-and-guide-swapped": (lambda t: SiteLogProbs(t.log_likelihood, t.log_q, t.log_prior, t.kl_analytic), "log_q["),
+    "likelihood-of-another-particle": (lambda t: SiteLogProbs(
+        {s: v.roll(1, 0) for s, v in t.log_likelihood.items()}, t.log_prior, t.log_q, t.kl_analytic), "log_likelihood['x']"),
+    "prior-scaled": (lambda t: SiteLogProbs(
+        t.log_likelihood, {s: 2 * v for s, v in t.log_prior.items()}, t.log_q, t.kl_analytic), "log_prior["),
+}
+
+
 @torch.no_grad()
-def test_site_terms_add_up_to_log_weights(oracle):
-    model, x, _ = oracle
-    terms = log_weights(model.model, mismatched_guide(model), x, 30)
+@pytest.mark.parametrize("variant", list(SITE_TERM_BREAKS))
+def test_site_terms_add_up_to_log_weights(oracle, variant):
+    """Each site's term is the density of that site's distribution at the drawn z, computed here with
+    torch.distributions on the oracle's parameters, and log p(x, z) is log p(x) + log p(z | x) from the
+    closed forms. The parts add up to the ELBO (reconstruction − Monte Carlo KL), which holds by
+    construction and so cannot tell right terms from wrong ones: mutated terms pass it and fail the rest."""
+    model, x, exact = oracle
+    guide = mismatched_guide(model)
+    z = {}
+    mutate, expected = SITE_TERM_BREAKS[variant]
+    terms = mutate(log_weights(model.model, recording(guide, z), x, 30))
+    u = torch.cat([z[site] for site in model.sites], -1)  # (K, N, D_u), the stacked latents
+    mean, cov = model.posterior(x)
+    log_joint = exact + dist.MultivariateNormal(mean, covariance_matrix=cov).log_prob(u)  # (K, N)
+    problems = site_term_problems(terms, independent_site_terms(model, guide, x, z), log_joint)
     recon = estimators.reconstruction(terms).value
     kl_mc = sum(k.monte_carlo.value for k in estimators.kl(terms).values())
     torch.testing.assert_close(recon - kl_mc, estimators.elbo(terms.log_w).value)
+    if expected is None:
+        assert problems == []
+    else:
+        assert any(p.startswith(expected) for p in problems) and "log p(x, z)" in problems, problems
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
+import pyrovae.train as train_module
 from pyrovae import checkpoint
 from pyrovae.data import Batches, load_dataset, static_binarized
 from pyrovae.errors import PyrovaeError
@@ -168,20 +169,70 @@ def test_mean_elbo_with_the_exact_posterior_is_log_px(float64, model_class, num_
 # ---------------------------------------------------------------- fit
 
 
-def test_fit_calls_back_after_each_epoch_and_starts_where_told():
+def epoch_metric_problems(history, step_losses, test_checks) -> list[str]:
+    """What is wrong with the per-epoch metrics of ``fit``, checked against independent records:
+
+    - "train_elbo": not minus the sum of the epoch's step losses (each −ELBO summed over its batch)
+      over the points the epoch saw, to round-off;
+    - "test_elbo": more than 5 standard errors from a 200-draw ELBO of the same test points with the
+      same parameters (the metric takes one draw per point: variance mean_n Var(log w_n) / M).
+
+    ``step_losses``: per epoch, a list of (loss, batch size); ``test_checks``: per epoch, (ELBO, stderr).
+    """
+    problems = []
+    for m, losses, (elbo, stderr) in zip(history, step_losses, test_checks):
+        expected = -sum(loss for loss, _ in losses) / sum(size for _, size in losses)
+        if not m["train_elbo"] == pytest.approx(expected, rel=1e-12):
+            problems.append(f"epoch {m['epoch']} train_elbo {m['train_elbo']}, expected {expected}")
+        if not abs(m["test_elbo"] - elbo) < 5 * stderr:
+            problems.append(f"epoch {m['epoch']} test_elbo {m['test_elbo']}, expected {elbo} ± {stderr}")
+    return problems
+
+
+METRIC_BREAKS = {  # name → a mutation of an epoch's metrics, and the metric it must be caught on
+    "correct": (lambda m: m, None),
+    "train-elbo-per-batch": (lambda m: {**m, "train_elbo": m["train_elbo"] * 30 / 4}, "train_elbo"),  # over 4 batches, not 30 points
+    "test-elbo-summed": (lambda m: {**m, "test_elbo": m["test_elbo"] * 10}, "test_elbo"),  # over the 10 points, not per point
+}
+
+
+@pytest.mark.parametrize("variant", list(METRIC_BREAKS))
+def test_fit_calls_back_after_each_epoch_and_starts_where_told(monkeypatch, variant):
+    """Epochs 3..5 of 5 run; each epoch's train_elbo is minus its summed step losses per point and its
+    test_elbo agrees with an independent estimate; mis-normalized metrics are rejected."""
     vae = build_vae(VAEConfig(P, D, HIDDEN))
     x = binary_data(n=30)
     batches = Batches(x, 8)  # 4 batches, the last one of 6
-    seen = []
+    step_losses, test_checks, seen = [], [], []
+
+    def recording_step(loss_fn, optimizer, xb, *args):
+        value = train_step(loss_fn, optimizer, xb, *args)
+        step_losses[-1].append((value, len(xb)))
+        return value
+
+    def on_epoch_end(metrics):
+        seen.append(metrics)
+        log_w = log_weights(vae.model, vae.guide, x[:10], 200).log_w  # (200, 10), the parameters test_elbo saw
+        var = log_w.var(0).mean().item()
+        test_checks.append((log_w.mean().item(), math.sqrt(var / 10 + var / (200 * 10))))
+        step_losses.append([])
+
+    monkeypatch.setattr(train_module, "train_step", recording_step)
+    step_losses.append([])
     history = fit(vae, batches, TrainConfig(epochs=5, batch_size=8, lr=1e-2), test_x=x[:10], start_epoch=2,
-                  on_epoch_end=seen.append, progress=False)
+                  on_epoch_end=on_epoch_end, progress=False)
     assert [m["epoch"] for m in history] == [3, 4, 5]
     assert seen == history
+    assert [len(losses) for losses in step_losses] == [4, 4, 4, 0]
     for m in history:
         assert set(m) == {"epoch", "train_elbo", "test_elbo", "seconds"}
-        assert math.isfinite(m["train_elbo"]) and m["train_elbo"] < 0
-        assert math.isfinite(m["test_elbo"]) and m["test_elbo"] < 0
         assert m["seconds"] >= 0
+    mutate, expected = METRIC_BREAKS[variant]
+    problems = epoch_metric_problems([mutate(m) for m in history], step_losses, test_checks)
+    if expected is None:
+        assert problems == []
+    else:
+        assert len(problems) == 3 and all(expected in p for p in problems), problems
     without_test = fit(vae, batches, TrainConfig(epochs=1, batch_size=8), progress=False)
     assert set(without_test[0]) == {"epoch", "train_elbo", "seconds"}
 

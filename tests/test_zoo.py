@@ -1,0 +1,392 @@
+"""Tests of the zoo of components: priors, likelihoods, guides, networks and the two-layer model.
+
+Every combination of prior × likelihood × guide that makes sense builds through
+``pyrovae.models.vae``, trains under a user's plain ``SVI`` script and evaluates. Densities are
+checked against independent computations: change of variables with an autograd Jacobian for the
+flows, a logsumexp over separately scored components for the VampPrior, a sum over the 256 levels
+for the 8-bit likelihood, torch's own MVN ‖ MVN closed form for the registered KL.
+"""
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from torch.distributions import kl_divergence
+
+from pyrovae.errors import PyrovaeError
+from pyrovae.evaluate import evaluate
+from pyrovae.guides import GUIDES, IAFEncoder
+from pyrovae.models import (
+    LIKELIHOODS,
+    MODELS,
+    PRIORS,
+    ConvDecoder,
+    ConvEncoder,
+    DiscretizedLogistic,
+    FlowPrior,
+    MixturePrior,
+    TwoLayerVAE,
+    VAEConfig,
+    VampPrior,
+    build_model,
+    two_layer,
+    vae,
+)
+from pyrovae.models.likelihoods import LEVELS
+
+N, P, D = 8, 12, 3
+HIDDEN = (16,)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread avoids the cost of waking a second one for every small operation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def data_for(likelihood: str, n: int = N, p: int = P, seed: int = 0) -> torch.Tensor:
+    """Data in the support of each likelihood: binary, grey levels, real values or 8-bit levels."""
+    generator = torch.Generator().manual_seed(seed)
+    grey = torch.rand(n, p, generator=generator)
+    if likelihood == "bernoulli":
+        return torch.bernoulli(grey, generator=generator)
+    if likelihood.startswith("gaussian"):
+        return torch.randn(n, p, generator=generator)
+    if likelihood == "discretized-logistic":
+        return (grey * 255).round() / 255
+    return grey
+
+
+def combinations_that_make_sense():
+    """Every prior × likelihood × guide but the VampPrior with the IAF guide (its q has no one-pass density anywhere)."""
+    for prior, likelihood, guide in itertools.product(PRIORS.names(), LIKELIHOODS.names(), GUIDES.names()):
+        if not (prior == "vamp" and guide == "iaf"):
+            yield prior, likelihood, guide
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def unchanged(module, before) -> list[str]:
+    return [name for name, p in module.named_parameters() if torch.equal(p.detach(), before[name])]
+
+
+def svi_steps(module, x, steps: int = 3) -> None:
+    svi = SVI(module.model, module.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(steps):
+        assert math.isfinite(svi.step(x))
+
+
+def assert_finite_evaluation(result) -> None:
+    summary = result.summary()
+    values = [summary["elbo"][0], summary["reconstruction"][0], summary["log_px"][0], summary["gap"][0],
+              *(v[0] for v in summary["iwae"].values()), *(kl["value"][0] for kl in summary["kl"].values())]
+    assert all(math.isfinite(v) for v in values), summary
+
+
+# ---------------------------------------------------------------- every combination
+
+
+@pytest.mark.parametrize("prior, likelihood, guide", list(combinations_that_make_sense()),
+                         ids=["-".join(c) for c in combinations_that_make_sense()])
+def test_every_combination_trains_under_svi_and_evaluates(prior, likelihood, guide):
+    module = vae(P, latent_dim=D, hidden=HIDDEN, likelihood=likelihood, prior=prior, guide=guide)
+    x = data_for(likelihood)
+    before = snapshot(module)
+    svi_steps(module, x)
+    assert unchanged(module, before) == []  # SVI trains every parameter …
+    assert len(pyro.get_param_store()) == len(before)  # … each once (the VampPrior shares the encoder)
+    result = evaluate(module.model, module.guide, x, num_samples=20, particles_elbo=5)
+    assert_finite_evaluation(result)
+    closed_form = prior == "normal" and guide in ("diagonal", "full-covariance")
+    assert result.kl["z"].method == ("analytic" if closed_form else "monte-carlo")
+
+
+def test_the_vampprior_refuses_the_iaf_guide():
+    with pytest.raises(PyrovaeError, match="VampPrior needs a guide whose q\\(z\\|x\\) has a density at any point"):
+        vae(P, latent_dim=D, hidden=HIDDEN, prior="vamp", guide="iaf")
+
+
+@pytest.mark.parametrize("registry", [PRIORS, LIKELIHOODS, GUIDES, MODELS], ids=lambda r: r.kind)
+def test_every_component_describes_itself_in_one_sentence(registry):
+    for name, sentence in registry.describe():
+        assert sentence and "\n" not in sentence and len(sentence) < 120, (name, sentence)
+
+
+def test_registered_likelihoods_say_whether_they_need_binary_data():
+    binary = {name: LIKELIHOODS[name].binary_data for name in LIKELIHOODS.names()}
+    assert binary == {"bernoulli": True, "continuous-bernoulli": False, "discretized-logistic": False,
+                      "gaussian": False, "gaussian-pixel": False, "gaussian-shared": False}
+
+
+# ---------------------------------------------------------------- networks
+
+
+def test_conv_networks_accept_extra_leading_dimensions():
+    encoder, decoder = ConvEncoder(6, hidden=(32,)), ConvDecoder(4, hidden=(32,), channels=2)
+    x, z = torch.rand(2, 3, 784), torch.randn(2, 3, 4)
+    assert encoder(x).shape == (2, 3, 6)
+    assert decoder(z).shape == (2, 3, 2 * 784)
+    torch.testing.assert_close(encoder(x)[1, 2], encoder(x[1, 2]))
+    torch.testing.assert_close(decoder(z)[1, 2], decoder(z[1, 2]))
+
+
+@pytest.mark.parametrize("likelihood, guide", [("bernoulli", "diagonal"), ("discretized-logistic", "iaf")])
+def test_a_conv_vae_trains_and_evaluates(likelihood, guide):
+    module = vae(784, (1, 28, 28), latent_dim=D, hidden=(32,), likelihood=likelihood, guide=guide, network="conv")
+    assert isinstance(module.decoder, ConvDecoder) and isinstance(module.encoder.net, ConvEncoder)
+    x = data_for(likelihood, n=4, p=784)
+    before = snapshot(module)
+    svi_steps(module, x, steps=2)
+    assert unchanged(module, before) == []
+    assert_finite_evaluation(evaluate(module.model, module.guide, x, num_samples=5, particles_elbo=2))
+
+
+@pytest.mark.parametrize("image_shape", [None, (1, 8, 8), (3, 28, 28)])
+def test_conv_needs_28_by_28_single_channel_images(image_shape):
+    P_ = 784 if image_shape is None else math.prod(image_shape)
+    with pytest.raises(PyrovaeError, match=r"network 'conv' needs images of shape \(1, 28, 28\)"):
+        vae(P_, image_shape, network="conv")
+    with pytest.raises(PyrovaeError, match="unknown network 'resnet'; known: mlp, conv"):
+        vae(P, network="resnet")
+
+
+def test_the_network_round_trips_through_the_config():
+    config = VAEConfig(784, 4, (32,), network="conv")
+    assert VAEConfig.from_dict(config.to_dict()) == config
+    assert isinstance(build_model(config.to_dict()).decoder, ConvDecoder)
+    assert VAEConfig.from_dict({"name": "vae", "data_dim": 64}).network == "mlp"
+
+
+# ---------------------------------------------------------------- priors
+
+
+def flow_log_density(transforms, base: dist.TorchDistribution, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = f(ε) through ``transforms`` and log p(z) = log base(ε) − log |det ∂f/∂ε| by autograd, for one point ε (D,)."""
+
+    def f(e):
+        for t in transforms:
+            e = t(e)
+        return e
+
+    jacobian = torch.autograd.functional.jacobian(f, eps)  # (D, D)
+    return f(eps).detach(), base.log_prob(eps) - torch.linalg.slogdet(jacobian)[1]
+
+
+@torch.no_grad()
+def test_flow_prior_density_is_the_change_of_variables(float64):
+    prior = FlowPrior(D, num_transforms=3)
+    for layer in prior.arns.modules():  # move away from the near-identity initialization
+        if isinstance(layer, torch.nn.Linear):
+            layer.weight.normal_(0, 0.5)
+    p = prior.distribution()
+    for seed in range(3):
+        eps = torch.randn(D, generator=torch.Generator().manual_seed(seed))
+        with torch.enable_grad():
+            z, expected = flow_log_density(prior.transforms(), p.base_dist, eps)
+        torch.testing.assert_close(p.log_prob(z.clone()), expected, rtol=1e-10, atol=1e-10)
+    # and the site in the model is this distribution, in the data plate
+    trace = poutine.trace(lambda: pyro.plate("data", N)(prior)()).get_trace()
+    assert trace.nodes["z"]["fn"].batch_shape == (N,) and trace.nodes["z"]["value"].shape == (N, D)
+
+
+@torch.no_grad()
+def test_iaf_guide_density_is_the_change_of_variables(float64):
+    guide = IAFEncoder(P, D, HIDDEN, num_transforms=2)
+    for layer in guide.flows.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.weight.normal_(0, 0.5)
+    x = data_for("continuous-bernoulli", n=1)
+    q = guide.distribution(x)
+    eps = torch.randn(1, D, generator=torch.Generator().manual_seed(0))  # a draw of the base, for the one point
+    with torch.enable_grad():
+        transforms = q.transforms
+        z, expected = flow_log_density([lambda e, t=t: t(e[None])[0] for t in transforms], q.base_dist, eps[0])
+    torch.testing.assert_close(q.log_prob(z[None].clone()), expected, rtol=1e-8, atol=1e-8)  # by inversion
+    sample = q.rsample()
+    torch.testing.assert_close(q.log_prob(sample), guide.distribution(x).log_prob(sample.clone()), rtol=1e-8, atol=1e-8)  # cached = inverted
+
+
+@torch.no_grad()
+def test_vampprior_scores_as_the_mean_of_its_components(float64):
+    vae_ = vae(P, latent_dim=D, hidden=HIDDEN, prior="vamp")
+    prior: VampPrior = vae_.prior
+    assert prior.encoder is vae_.encoder
+    z = torch.randn(4, N, D, generator=torch.Generator().manual_seed(0))  # particles × points
+    u = prior.pseudo_inputs.u
+    loc, scale = vae_.encoder.loc_scale(u)  # (K, D)
+    per_component = torch.distributions.Normal(loc, scale).log_prob(z[..., None, :]).sum(-1)  # (4, N, K)
+    expected = torch.logsumexp(per_component, -1) - math.log(len(u))
+    torch.testing.assert_close(prior.distribution().log_prob(z), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["vamp", "mixture"])
+@torch.no_grad()
+def test_mixture_priors_sample_what_they_score(float64, kind):
+    """Draws have the mixture's mean and covariance, Σ_k π_k (μ_k, diag σ_k² + μ_k μ_kᵀ) − m mᵀ, within 5 standard errors."""
+    pyro.set_rng_seed(0)
+    if kind == "vamp":
+        encoder = GUIDES.build("diagonal", data_dim=P, latent_dim=D, hidden=HIDDEN)
+        prior = VampPrior(D, P, encoder, components=7)
+    else:
+        prior = MixturePrior(D, components=4)
+        prior.logits.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
+    p = prior.distribution()
+    weights = p.mixture_distribution.probs
+    loc, var = p.component_distribution.base_dist.loc, p.component_distribution.base_dist.scale**2
+    mean = (weights[:, None] * loc).sum(0)
+    cov = (weights[:, None, None] * (torch.diag_embed(var) + loc[:, :, None] * loc[:, None, :])).sum(0) - mean[:, None] * mean[None, :]
+    n = 40_000
+    samples = p.sample((n,))
+    z_mean = (samples.mean(0) - mean) / (cov.diagonal() / n).sqrt()
+    assert z_mean.abs().max() < 5, z_mean
+    centred = samples - mean
+    fourth = torch.einsum("si,sj,si,sj->ij", centred, centred, centred, centred) / n  # E[(z_i z_j)²], estimated
+    z_cov = (centred.T @ centred / n - cov) / ((fourth - cov**2) / n).sqrt()
+    assert z_cov.abs().max() < 5, z_cov
+
+
+def test_mixture_flow_and_vamp_priors_have_no_closed_form_kl():
+    q = dist.Normal(torch.zeros(D), 1.0).to_event(1)
+    encoder = GUIDES.build("diagonal", data_dim=P, latent_dim=D, hidden=HIDDEN)
+    for prior in (MixturePrior(D), FlowPrior(D), VampPrior(D, P, encoder, components=3)):
+        with pytest.raises(NotImplementedError):
+            kl_divergence(q, prior.distribution())
+
+
+# ---------------------------------------------------------------- guides
+
+
+def test_full_covariance_kl_to_a_diagonal_normal_is_the_mvn_closed_form(float64):
+    guide = GUIDES.build("full-covariance", data_dim=P, latent_dim=D, hidden=HIDDEN)
+    x = data_for("continuous-bernoulli")
+    q = guide.posterior(x)
+    prior = dist.Normal(torch.randn(D), torch.rand(D) + 0.5).to_event(1)
+    as_mvn = dist.MultivariateNormal(prior.base_dist.loc, scale_tril=torch.diag(prior.base_dist.scale))
+    torch.testing.assert_close(kl_divergence(q, prior), kl_divergence(q, as_mvn), rtol=1e-12, atol=1e-12)
+    assert (q.scale_tril.triu(1) == 0).all() and (q.scale_tril.diagonal(dim1=-2, dim2=-1) > 0).all()
+    assert not (q.scale_tril.tril(-1) == 0).all()
+
+
+def test_the_guides_accept_extra_leading_dimensions():
+    x = data_for("continuous-bernoulli")
+    for name in GUIDES.names():
+        guide = GUIDES.build(name, data_dim=P, latent_dim=D, hidden=HIDDEN)
+        with pyro.plate("particles", 4, dim=-2):
+            trace = poutine.trace(lambda x: pyro.plate("data", N)(guide)(x)).get_trace(x)
+        site = trace.nodes["z"]
+        assert site["value"].shape == (4, N, D), name
+        assert site["fn"].log_prob(site["value"]).shape == (4, N), name
+
+
+def test_the_iaf_guide_needs_two_latent_dimensions():
+    with pytest.raises(PyrovaeError, match="at least 2"):
+        GUIDES.build("iaf", data_dim=P, latent_dim=1)
+
+
+# ---------------------------------------------------------------- likelihoods
+
+
+@torch.no_grad()
+def test_the_8_bit_likelihood_normalizes_over_the_256_levels(float64):
+    loc = torch.tensor([-3.0, 0.0, 0.2, 0.5, 0.5, 1.0, 4.0, 0.7])
+    scale = torch.tensor([0.01, 0.05, 1e-4, 1e-4, 30.0, 0.3, 2.0, 1e-3])
+    d = DiscretizedLogistic(loc, scale)
+    levels = torch.arange(LEVELS) / (LEVELS - 1)
+    log_p = d.log_prob(levels[:, None].expand(LEVELS, len(loc)))  # (256, 8)
+    assert (log_p <= 0).all() and torch.isfinite(log_p).all()
+    torch.testing.assert_close(log_p.exp().sum(0), torch.ones(len(loc)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(d.mean, (log_p.exp() * levels[:, None]).sum(0))
+    # far-out bins in the tails stay finite in log space (no underflow to −inf)
+    assert torch.isfinite(DiscretizedLogistic(torch.tensor(0.0), torch.tensor(1e-3)).log_prob(torch.tensor(1.0)))
+
+
+@torch.no_grad()
+def test_the_8_bit_likelihood_samples_what_it_scores(float64):
+    pyro.set_rng_seed(0)
+    d = DiscretizedLogistic(torch.tensor(0.3), torch.tensor(0.01))
+    n = 50_000
+    samples = d.sample((n,))
+    assert d.support.check(samples).all()
+    levels = torch.arange(LEVELS) / (LEVELS - 1)
+    probs = d.log_prob(levels).exp()
+    counts = torch.bincount((samples * 255).round().long(), minlength=LEVELS).double()
+    seen = probs > 1e-3
+    z = (counts[seen] / n - probs[seen]) / (probs[seen] * (1 - probs[seen]) / n).sqrt()
+    assert z.abs().max() < 5, z
+
+
+def test_the_8_bit_likelihood_refuses_values_between_levels():
+    d = DiscretizedLogistic(torch.zeros(3), torch.ones(3), validate_args=True)
+    assert d.support.check(torch.tensor([0.0, 17 / 255, 1.0])).all()
+    assert not d.support.check(torch.tensor([0.5 / 255, -1 / 255, 256 / 255])).any()
+    with pytest.raises(ValueError, match="support"):
+        d.log_prob(torch.tensor([0.0, 0.5 / 255, 1.0]))
+
+
+def test_the_8_bit_likelihood_gradients_are_finite_at_the_extremes():
+    loc = torch.tensor([-50.0, 0.5, 60.0, 0.0, 1.0], requires_grad=True)
+    raw = torch.tensor([-10.0, 5.0, -10.0, -10.0, -10.0], requires_grad=True)
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0, 128 / 255]])
+    log_p = LIKELIHOODS.build("discretized-logistic")
+    trace = poutine.trace(lambda: pyro.plate("data", 1)(log_p)(torch.cat([loc, raw])[None], x)).get_trace()
+    total = trace.nodes["x"]["fn"].log_prob(x).sum()
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(loc.grad).all() and torch.isfinite(raw.grad).all()
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gaussian-shared", "gaussian-pixel"])
+def test_gaussian_likelihoods_are_the_normal_density(float64, name):
+    likelihood = LIKELIHOODS.build(name, data_dim=P)
+    loc, x = torch.randn(N, P), data_for(name)
+    with pyro.plate("data", N):
+        trace = poutine.trace(likelihood).get_trace(loc, x)
+    fn = trace.nodes["x"]["fn"]
+    sigma = fn.base_dist.scale.expand(N, P)
+    expected = (-0.5 * ((x - loc) / sigma) ** 2 - sigma.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    torch.testing.assert_close(fn.log_prob(x), expected)
+    torch.testing.assert_close(sigma, torch.ones(N, P), atol=2e-3, rtol=0)  # σ ≈ 1 at initialization
+
+
+# ---------------------------------------------------------------- the two-layer model
+
+
+def test_two_layer_has_the_iwae_architecture():
+    module = two_layer(784)
+    assert isinstance(module, TwoLayerVAE)
+    sizes = lambda net: [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
+    assert sizes(module.q_z2) == [200, 200, 200] and sizes(module.q_z1) == [100, 100, 100]
+    assert sizes(module.p_z2) == [100, 100, 200] and sizes(module.decoder) == [200, 200, 784]
+    x = data_for("bernoulli", n=3, p=784)
+    with pyro.plate("particles", 2, dim=-2):
+        guide_trace = poutine.trace(module.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(x)
+    assert guide_trace.nodes["z1"]["value"].shape == (2, 3, 50)
+    assert guide_trace.nodes["z2"]["value"].shape == (2, 3, 100)
+    assert model_trace.nodes["x"]["fn"].log_prob(x).shape == (2, 3)
+
+
+def test_two_layer_trains_and_evaluates():
+    module = two_layer(P, top_dim=2, bottom_dim=3, hidden=(16,), top_hidden=(8,))
+    x = data_for("bernoulli")
+    before = snapshot(module)
+    svi_steps(module, x)
+    assert unchanged(module, before) == []
+    assert len(pyro.get_param_store()) == len(before)
+    result = evaluate(module.model, module.guide, x, num_samples=20, particles_elbo=5)
+    assert_finite_evaluation(result)
+    assert set(result.kl) == {"z1", "z2"}
+
+
+def test_two_layer_builds_from_its_config_name():
+    module = build_model({"name": "two_layer", "data_dim": P, "top_dim": 2, "bottom_dim": 3, "hidden": [16], "top_hidden": [8]})
+    assert isinstance(module, TwoLayerVAE) and module.q_z1.net[-1].out_features == 4
