@@ -23,21 +23,27 @@ under an outer ``pyro.plate("particles", chains, dim=-2)`` as in :mod:`pyrovae.e
 come from ``torch.autograd.grad``. Points are processed ``batch_size`` at a time, every point's
 chains together.
 
-The step size is adapted per data point toward an acceptance rate (0.65): after each transition it
-is multiplied by 1.02 if the mean acceptance probability exceeded the target, else divided by 1.02.
-Why the estimate stays unbiased: AIS's identity E[w] = p(x) holds for any sequence of kernels K_t
-that leave f_{β_t} invariant, provided the kernels do not depend on the chain's own states. They may
-depend on the past, but if step t's step size depends on the states of the chain it moves (through
-the acceptance of the chain's own earlier transitions), the kernel is a mixture of invariant kernels
-whose mixing weights depend on the current state, which in general is no longer invariant, and the
-weights are biased. So the acceptance that drives the adaptation is measured on separate *tuning
-chains* (``tune_chains`` per point, 2 by default) that run the same transitions from their own
-independent starts and whose weights are discarded. Given the tuning chains, the M estimating chains
-run AIS with a sequence of kernels fixed in advance of their own states, each leaving its
-intermediate distribution invariant: their weights are independent, E[w_m] = p(x) exactly, the
-estimate is a stochastic lower bound, and the delta-method standard error across chains is the right
-one. (Adapting on the estimating chains themselves, as Wu et al. do, is the common practice; its bias
-is small but not zero.)
+The step size is adapted per data point toward an acceptance rate of 0.65, from past transitions
+only: after each transition it is multiplied by 1.02 if the mean acceptance probability exceeded the
+target, else divided by 1.02. Why the estimate stays a valid stochastic lower bound: Neal's identity
+E[w] = p(x) needs each transition to leave its f_{β_t} invariant given whatever chose it. A step size
+chosen from the past transitions of *other, independent* chains qualifies: given those chains, the
+sequence of kernels is fixed before the chain it moves has started, and Neal's argument applies
+unchanged. A step size chosen from the chain's *own* past acceptances does not quite: whether the
+last proposal was accepted is correlated with the state it left, so the next kernel is a mixture of
+invariant kernels whose mixing weights depend on the current state, which is not invariant in
+general, and the weights are biased (slightly, for an adaptation this slow; Wu et al. 2017 adapt on
+the estimating chains themselves). So the acceptance that drives the adaptation is measured on
+``tune_chains`` (2) extra tuning chains per point, drawn independently from f_0 and moved by the same
+transitions, whose weights are discarded. The M estimating chains share the adapted step size; given
+the tuning chains their weights are independent with E[w_m] = p(x), log p̂(x) is a stochastic lower
+bound (E log p̂(x) ≤ log p(x)), and the delta-method standard error across chains is the right one.
+
+Speed: Pyro's tracing costs about a millisecond per call, more than a small decoder's arithmetic.
+When a pass evaluates the density often enough (``capture="auto"``), it is traced once per pass with
+``make_fx`` into a graph of tensor operations — model, guide, log-densities and both backward passes,
+parameters and data as constants, what does not depend on z (the encoder) computed once — and the
+graph is replayed; it is checked against the eager evaluation before use.
 
 BDMC (Grosse, Ghahramani & Adams 2015) brackets log p(x) on data simulated from the model, where an
 exact posterior sample is known: (z, x) ~ p(z) p(x | z). Forward AIS gives the lower bound; reverse
@@ -57,6 +63,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -207,7 +214,11 @@ class _Path:
                     f"latent site {name!r} has shape {tuple(value.shape)} under {num_chains} particles, expected "
                     f"(particles, data, *event) = {tuple(self.shape)} + …: all latent sites must be local to each data point"
                 )
-            transform = biject_to(site["fn"].support)
+            try:
+                transform = biject_to(site["fn"].support)
+            except NotImplementedError:
+                raise ContractError(f"latent site {name!r} has support {site['fn'].support}: HMC needs continuous latents "
+                                    "with a bijection to real space") from None
             transform = None if _is_identity(transform) else transform
             shape = value.shape[2:] if transform is None else transform.inverse_shape(value.shape)[2:]
             self.sites.append(_Site(name, transform, shape, shape.numel()))
@@ -219,10 +230,6 @@ class _Path:
         if not self.sites:
             raise ContractError("the model has no latent sites to anneal over")
         self.initial = self.to_unconstrained(values)
-
-    @property
-    def dim(self) -> int:
-        return sum(s.size for s in self.sites)
 
     def to_unconstrained(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """{site: (C, B, *event) or (B, *event)} → u (C, B, D)."""
@@ -279,10 +286,10 @@ class _Path:
 def _capture(path: _Path, state: State) -> Callable[[torch.Tensor], State]:
     """``path`` as one graph of tensor operations: the model, the guide, their log-densities and the
     backward passes traced once by ``make_fx`` at ``state`` (parameters and data become constants),
-    dead code removed and the parts that do not depend on u (the encoder on x, transposed weights)
-    computed once. Replaying it skips Pyro's per-call tracing. The trace fixes Python control flow
-    at its first evaluation, so the graph is checked against ``state``; ``path`` itself is returned
-    (with a logged warning) if tracing fails or disagrees.
+    simplified (:func:`_simplify`) and with the parts that do not depend on u (the encoder on x,
+    transposed weights) computed once. Replaying it skips Pyro's per-call tracing. The trace fixes
+    Python control flow at its first evaluation, so the graph is checked against ``state``; ``path``
+    itself is returned (with a logged warning) if tracing fails or disagrees.
     """
     def f(u):
         return tuple(path(u)[1:])
@@ -290,9 +297,9 @@ def _capture(path: _Path, state: State) -> Callable[[torch.Tensor], State]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # const_fold warns about the attributes it creates
-            graph = make_fx(f)(state.u)
-            graph.graph.eliminate_dead_code()
-            graph.recompile()
+            with _one_fake_mode():
+                graph = make_fx(f)(state.u)
+            _simplify(graph)
             graph = split_const_subgraphs(graph)
             with torch.no_grad():
                 replayed = graph(state.u)
@@ -311,6 +318,56 @@ def _capture(path: _Path, state: State) -> Callable[[torch.Tensor], State]:
     return density
 
 
+def _one_fake_mode():
+    """A context in which ``make_fx`` describes every traced value with one fake-tensor mode instead
+    of a new one per value (each of which records a Python stack trace): halves the tracing time.
+    Internal torch API, so anything but the current behaviour falls back to the default."""
+    try:
+        from torch._guards import TracingContext, tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
+    except Exception:  # a torch without these
+        return contextlib.nullcontext()
+
+
+_aten = torch.ops.aten
+_IDENTITY_IF_SAME = {_aten.alias.default, _aten.view.default, _aten.expand.default, _aten._unsafe_view.default}
+_NEUTRAL = {_aten.add.Tensor: 0, _aten.sub.Tensor: 0, _aten.mul.Tensor: 1, _aten.mul.Scalar: 1, _aten.div.Tensor: 1,
+            _aten.pow.Tensor_Scalar: 1}
+
+
+def _simplify(graph_module: torch.fx.GraphModule) -> None:
+    """Drop operations that return their input unchanged (aliases, views and expansions to the same
+    shape, + 0, × 1, ^ 1: each costs a Python call per evaluation), and turn ``ones_like``/``zeros_like``
+    (the seeds of the backward passes) into constants, so that constant folding takes the chains
+    that start from them. Only for graphs without in-place operations."""
+    graph = graph_module.graph
+    functions = [n for n in graph.nodes if n.op == "call_function"]
+    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in functions):
+        return
+    for node in functions:
+        value, source = node.meta.get("val"), node.args[0] if node.args else None
+        if node.target in (_aten.ones_like.default, _aten.zeros_like.default) and isinstance(value, torch.Tensor):
+            name = f"_seed{len(graph_module._buffers)}"
+            fill = torch.ones if node.target is _aten.ones_like.default else torch.zeros
+            graph_module.register_buffer(name, fill(value.shape, dtype=value.dtype, device=value.device))
+            with graph.inserting_before(node):
+                node.replace_all_uses_with(graph.get_attr(name))
+            graph.erase_node(node)
+            continue
+        before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        same = (isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor) and value.shape == before.shape
+                and value.dtype == before.dtype and value.stride() == before.stride())
+        neutral = node.target in _NEUTRAL and len(node.args) == 2 and not node.kwargs and \
+            isinstance(node.args[1], (int, float)) and node.args[1] == _NEUTRAL[node.target]
+        if same and (node.target in _IDENTITY_IF_SAME or neutral):
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+
+
 # ---------------------------------------------------------------- one pass: the chains of a batch of points
 
 
@@ -322,17 +379,17 @@ class _Pass:
 
 
 def _anneal(
-    density: Callable[[torch.Tensor], State], u: torch.Tensor, betas: torch.Tensor, num_leapfrog: int,
-    step_size: torch.Tensor, tune: slice | None, step_sizes: torch.Tensor | None = None,
-    target_accept: float = TARGET_ACCEPT, on_step: Callable[[], None] | None = None, initial: State | None = None,
+    density: Callable[[torch.Tensor], State], state: State, betas: torch.Tensor, num_leapfrog: int,
+    step_size: torch.Tensor, tune: slice | None = None, step_sizes: torch.Tensor | None = None,
+    target_accept: float = TARGET_ACCEPT, on_step: Callable[[], None] | None = None,
 ) -> _Pass:
-    """Run the chains at u (C, B, D) along ``betas`` (forward 0 → 1 or reverse 1 → 0).
+    """Run the chains from ``state`` along ``betas`` (forward 0 → 1, or reverse 1 → 0).
 
     The step size starts at ``step_size`` (B,) and, if ``tune`` is given, is adapted after each
-    transition from the mean acceptance probability of the chains ``u[tune]`` (see the module
+    transition from the mean acceptance probability of the chains ``[tune]`` (see the module
     docstring); ``step_sizes`` (T−1, B) fixes it per transition instead.
     """
-    state = density(u) if initial is None else initial
+    u = state.u
     C, B = state.log_f0.shape
     log_w = torch.zeros(C, B, dtype=torch.float64, device=u.device)
     accept_sum = torch.zeros(C, B, dtype=torch.float64, device=u.device)
@@ -502,6 +559,8 @@ class AISSettings:
             raise PyrovaeError(f"step-size adaptation needs at least 1 tuning chain, got {self.tune_chains}")
         if self.start not in ("guide", "prior"):
             raise PyrovaeError(f"AIS starts from the guide or the prior, got {self.start!r}")
+        if self.capture not in (True, False, "auto"):
+            raise PyrovaeError(f"capture is True, False or 'auto', got {self.capture!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise PyrovaeError(f"the AIS batch size must be at least 1, got {self.batch_size}")
         self.betas()
@@ -568,7 +627,8 @@ def simulate(model: Callable, x: torch.Tensor, *args) -> tuple[torch.Tensor, dic
     return x_sim.to(x.dtype), latents
 
 
-def _density(path: _Path, u: torch.Tensor, capture: bool) -> tuple[Callable[[torch.Tensor], State], State]:
+def _start(path: _Path, u: torch.Tensor, capture: bool) -> tuple[Callable[[torch.Tensor], State], State]:
+    """The chains' first state at u, and the density function to move them with."""
     state = path(u)
     return (_capture(path, state) if capture else path), state
 
@@ -586,28 +646,29 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
     batch_size = max(1, PASS_SIZE // C) if s.batch_size is None else s.batch_size
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "accept", "step", "log_w_rev", "accept_rev")}
     passes = 1 if latents is None else 2
-    with fast_context(), tqdm(total=N * passes * max(s.num_steps - 1, 1), disable=not progress, unit="point-step",
-                              dynamic_ncols=True) as bar:
+    with fast_context(), tqdm(total=N * passes, disable=not progress, unit="point", dynamic_ncols=True) as bar:
         for begin in range(0, N, batch_size):
             rows = slice(begin, min(begin + batch_size, N))
             xb = x[rows]
             B = len(xb)
-            on_step = (lambda: bar.update(B)) if progress else None
+            on_step = (lambda: bar.update(B / (s.num_steps - 1))) if progress else None
             eps0 = torch.full((B,), float(s.step_size), dtype=torch.float64, device=x.device)
             path = _Path(model, guide, xb, C, s.start, args, {})
-            density, state = _density(path, path.initial, s.capturing)
-            forward = _anneal(density, state.u, betas, s.num_leapfrog, eps0, slice(M, C) if s.adapting else None,
-                              target_accept=s.target_accept, on_step=on_step, initial=state)
+            density, state = _start(path, path.initial, s.capturing)
+            forward = _anneal(density, state, betas, s.num_leapfrog, eps0, slice(M, C) if s.adapting else None,
+                              target_accept=s.target_accept, on_step=on_step)
             out["log_w"].append(forward.log_w[:M].cpu())
             out["accept"].append(forward.accept[:M].mean(0).cpu())
             out["step"].append((forward.step_sizes.mean(0) if s.num_steps > 1 else eps0).cpu())
+            if s.num_steps == 1:
+                bar.update(B * passes)
             if latents is None:
                 continue
             path = _Path(model, guide, xb, M, s.start, args, {})
-            density, state = _density(path, path.to_unconstrained({name: v[rows] for name, v in latents.items()}),
-                                      s.capturing)
-            reverse = _anneal(density, state.u, betas.flip(0), s.num_leapfrog, eps0, None,
-                              step_sizes=forward.step_sizes.flip(0), on_step=on_step, initial=state)
+            exact = path.to_unconstrained({name: value[rows] for name, value in latents.items()})
+            density, state = _start(path, exact, s.capturing)
+            reverse = _anneal(density, state, betas.flip(0), s.num_leapfrog, eps0,
+                              step_sizes=forward.step_sizes.flip(0), on_step=on_step)
             out["log_w_rev"].append(reverse.log_w.cpu())
             out["accept_rev"].append(reverse.accept.mean(0).cpu())
     info = dict(num_steps=s.num_steps, num_chains=M, num_leapfrog=s.num_leapfrog, start=s.start)

@@ -15,3 +15,14 @@ class DataError(PyrovaeError):
 
 class ContractError(PyrovaeError):
     """A model or guide that breaks the model/guide contract (see the README)."""
+
+
+class Interrupted(Exception):
+    """Training was asked to stop (SIGINT, SIGTERM) and stopped cleanly after a checkpoint.
+
+    ``code`` is the exit status a shell expects for the signal: 130 (SIGINT) or 143 (SIGTERM).
+    """
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

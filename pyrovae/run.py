@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import checkpoint, factory, params as parameters
@@ -144,14 +146,18 @@ class Run:
         write_text_atomic(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
 
     # checkpoints
-    def save_checkpoint(self, model, params: dict, optimizer: torch.optim.Optimizer, batches, epoch: int) -> None:
+    def save_checkpoint(self, model, params: dict, optimizer: torch.optim.Optimizer, batches, epoch: int,
+                        progress: dict | None = None) -> None:
+        """Everything a resumed run needs to continue as if never stopped: ``epoch`` epochs done, and
+        with ``progress`` (:class:`pyrovae.train.Progress` as a dict) the steps done in the next one."""
         state = {
             "format": 2,
             "epoch": epoch,
+            "progress": progress,
             **parameters.state_dict(model, params),
             "optimizer": optimizer.state_dict(),
             "batches": batches.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            **random_states(),
             "config": self.config,
         }
         checkpoint.save_atomic(state, self.path / CHECKPOINT)
@@ -237,6 +243,32 @@ class Run:
         state = self.load_checkpoint()
         load_state(model, trained, state)
         return data, model, trained
+
+
+def random_states() -> dict:
+    """Every random generator's state, as tensors and ints (fit for ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python_rng": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+
+
+def set_random_states(state: dict) -> None:
+    """Restore :func:`random_states` (those saved; a CUDA state only where this machine has the GPUs)."""
+    torch.set_rng_state(state["torch_rng"].cpu())
+    cuda = state.get("cuda_rng") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    if "numpy_rng" in state:
+        n = state["numpy_rng"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "python_rng" in state:
+        p = state["python_rng"]
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
 def load_state(model, trained: dict, state: dict) -> None:

@@ -38,8 +38,30 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3  # Adam learning rate
-    num_particles: int = 1  # draws of z per data point in each ELBO estimate
+    num_particles: int = 1  # draws of z per data point in each estimate (k of the IWAE objectives)
     seed: int = 0
+    objective: str = "elbo"  # elbo, mean-field, iwae or iwae-dreg (pyrovae.objectives)
+    beta: float = 1.0  # scale of the latent sites' log-densities (β-VAE); 1 is the plain objective
+    warmup_epochs: float = 0  # β rises linearly from 0 over these epochs (KL warm-up)
+    clip_grad: float | None = None  # clip the gradient's total norm to this (None: no clipping)
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before training stops
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    """Where training stands: ``epoch`` in progress (1-based), ``step`` steps done in it, and the
+    sums its metrics are made of; saved in mid-epoch checkpoints so a resumed epoch ends as an
+    uninterrupted one would."""
+
+    epoch: int = 1
+    step: int = 0
+    total: float = 0.0  # −loss summed over the epoch's steps
+    count: int = 0  # data points seen in the epoch
+    seconds: float = 0.0
+    skipped: int = 0  # non-finite steps skipped in the whole run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,11 +85,12 @@ def make_optimizer(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
-def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args) -> float:
-    """One optimizer step on −ELBO(x); returns the loss.
+def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None) -> float:
+    """One optimizer step on the loss at x; returns the loss.
 
     Raises :class:`TrainingDiverged` before stepping if the loss or a gradient is nan or infinite,
-    so the parameters are never corrupted.
+    so the parameters are never corrupted. With ``clip_grad``, the gradient's total norm is clipped
+    to it before the step.
     """
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(x, *args)
@@ -75,10 +98,13 @@ def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Ten
     if not math.isfinite(value):
         raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
     loss.backward()
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
     norm = torch.nn.utils.get_total_norm(grads).item()
     if not math.isfinite(norm):
         raise TrainingDiverged(f"the gradient became {norm} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
+    if clip_grad is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, torch.tensor(norm))
     optimizer.step()
     return value
 
@@ -106,40 +132,65 @@ def fit(
     start_epoch: int = 0,
     on_epoch_end: Callable[[dict], None] | None = None,
     progress: bool = True,
+    on_step_end: Callable[[Progress], None] | None = None,
+    resume_from: Progress | None = None,
 ) -> list[dict]:
     """Train ``module.model`` / ``module.guide`` for epochs ``start_epoch + 1 … config.epochs``.
 
     ``batches`` yields ``(idx, x)`` each epoch. Without an ``optimizer``, the contract is checked
     on a first batch and Adam is made over every parameter ``SVI`` would train
     (:func:`pyrovae.params.trainable`): ``pyro.module`` registrations, ``PyroModule`` parameters,
-    ``PyroParam``s and bare ``pyro.param`` sites, constrained ones through their unconstrained values. Returns one metrics dict per epoch:
-    ``train_elbo`` (mean over the epoch's steps, nats per point), ``test_elbo`` (nats per point,
-    when ``test_x`` is given) and ``seconds``. ``on_epoch_end(metrics)`` runs after each epoch
-    (the CLI saves its checkpoint there).
+    ``PyroParam``s and bare ``pyro.param`` sites, constrained ones through their unconstrained values.
+
+    The loss is ``config.objective`` (:func:`pyrovae.objectives.loss`; Pyro's ``Trace_ELBO`` by
+    default) with β = ``config.beta`` × the warm-up scale. Returns one metrics dict per epoch:
+    ``train_elbo`` (−loss per point, averaged over the epoch's steps: the training objective, nats),
+    ``test_elbo`` (the plain ELBO per point, when ``test_x`` is given), ``seconds`` and ``skipped``.
+    ``on_step_end(progress)`` runs after every step (the CLI checkpoints and stops there);
+    ``on_epoch_end(metrics)`` after each epoch; ``resume_from`` continues an epoch saved mid-way.
     """
+    from .objectives import loss as objective_loss, warmup_scale
+
     if optimizer is None:
         sample = first_batch(batches)
         contract.check(module.model, module.guide, sample, "the training data")
         optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
-    loss_fn = elbo_loss(module.model, module.guide, config.num_particles)
+    loss_fn = objective_loss(config.objective, module.model, module.guide, config.num_particles, config.beta)
+    test_loss = elbo_loss(module.model, module.guide, config.num_particles)
     history = []
-    steps = (config.epochs - start_epoch) * len(batches)
-    with fast_context(), tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True) as bar:
+    state = resume_from or Progress(epoch=start_epoch + 1)
+    steps = (config.epochs - start_epoch) * len(batches) - state.step
+    with fast_context(), tqdm(total=max(steps, 0), disable=not progress, unit="step", dynamic_ncols=True) as bar:
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            start, total, count = time.perf_counter(), 0.0, 0
-            for step, (_, x) in enumerate(batches):
+            if state.epoch != epoch:
+                state = Progress(epoch=epoch, skipped=state.skipped)
+            start = time.perf_counter() - state.seconds
+            for step, (_, x) in enumerate(batches, start=state.step):
+                loss_fn.beta = config.beta * warmup_scale(epoch, step, len(batches), config.warmup_epochs)
                 try:
-                    total += train_step(loss_fn, optimizer, x)
+                    state.total -= train_step(loss_fn, optimizer, x, clip_grad=config.clip_grad)
+                    state.count += len(x)
                 except TrainingDiverged as e:
-                    raise TrainingDiverged(f"epoch {epoch}, step {step}: {e}") from None
-                count += len(x)
+                    if state.skipped >= config.skip_nonfinite:
+                        raise TrainingDiverged(f"epoch {epoch}, step {step}: {e}") from None
+                    state.skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    log.warning("epoch %d, step %d: %s (skipped, %d so far)", epoch, step, e, state.skipped)
+                state.step = step + 1
+                state.seconds = time.perf_counter() - start
                 bar.update()
-            metrics = {"epoch": epoch, "train_elbo": -total / count, "seconds": time.perf_counter() - start}
+                if on_step_end is not None:
+                    on_step_end(state)
+            metrics = {"epoch": epoch, "train_elbo": state.total / state.count if state.count else math.nan,
+                       "seconds": time.perf_counter() - start}
+            if config.skip_nonfinite:
+                metrics["skipped"] = state.skipped
             if test_x is not None:
-                metrics["test_elbo"] = mean_elbo(loss_fn, test_x)
+                metrics["test_elbo"] = mean_elbo(test_loss, test_x)
             bar.set_postfix(elbo=f"{metrics.get('test_elbo', metrics['train_elbo']):.2f}")
             log.info("epoch %d: %s", epoch, metrics)
             history.append(metrics)
+            state = Progress(epoch=epoch + 1, skipped=state.skipped)
             if on_epoch_end is not None:
                 on_epoch_end(metrics)
     return history

@@ -93,6 +93,7 @@ def test_trained_vae_importance_sampling_beats_elbo_and_iwae_rises(trained_digit
     summary = result.summary()
     assert summary["num_points"] == 40 and summary["num_samples"] == K
     assert summary["kl"]["z"]["method"] == "analytic"
+    assert summary["kl"]["z"]["z_score_mean"] == pytest.approx(result.kl["z"].z_score.mean().item())
     assert set(summary["iwae"]) == {"1", "4", "16", str(K)}
 
 

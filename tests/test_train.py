@@ -205,8 +205,8 @@ def test_fit_calls_back_after_each_epoch_and_starts_where_told(monkeypatch, vari
     batches = Batches(x, 8)  # 4 batches, the last one of 6
     step_losses, test_checks, seen = [], [], []
 
-    def recording_step(loss_fn, optimizer, xb, *args):
-        value = train_step(loss_fn, optimizer, xb, *args)
+    def recording_step(loss_fn, optimizer, xb, *args, **kwargs):
+        value = train_step(loss_fn, optimizer, xb, *args, **kwargs)
         step_losses[-1].append((value, len(xb)))
         return value
 

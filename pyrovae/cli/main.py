@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pyrovae import __version__
-from pyrovae.errors import PyrovaeError
+from pyrovae.errors import Interrupted, PyrovaeError
 
 from . import evaluate, interpolate, list as list_command, reconstruct, sample, train
 
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"pyrovae {args.command}: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
         return 130

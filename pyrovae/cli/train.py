@@ -12,29 +12,36 @@ from it) and pictures: samples, reconstructions, interpolations and the loss cur
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shlex
 import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from pyrovae import contract, factory, params as parameters
 from pyrovae.data import BINARIZATIONS, DATASETS, Batches, check_binarizable, load_dataset, static_binarized
-from pyrovae.errors import PyrovaeError
+from pyrovae.errors import Interrupted, PyrovaeError
 from pyrovae.generate import sample_prior
 from pyrovae.plots import save_grid, save_loss_curve
-from pyrovae.run import MODEL_FILE, Run, heldout_sha256, load_state, resolve_device
-from pyrovae.train import TrainConfig, elbo_loss, fast_context, fit, make_optimizer, mean_elbo
+from pyrovae.run import MODEL_FILE, Run, heldout_sha256, load_state, resolve_device, set_random_states
+from pyrovae.objectives import OBJECTIVES
+from pyrovae.train import Progress, TrainConfig, TrainingDiverged, elbo_loss, fast_context, fit, make_optimizer, mean_elbo
 
 from .interpolate import save_interpolations
 from .reconstruct import save_reconstructions
 
 DEFAULTS = {"dataset": "digits", "model": factory.BUILTIN, "epochs": 100, "batch_size": 128, "lr": 1e-3,
-            "particles": 1, "seed": 0, "device": "cpu"}
-MODEL_OPTIONS = ("latent_dim", "hidden", "activation", "likelihood", "prior", "guide")  # model arguments
-CHANGEABLE_ON_RESUME = ("epochs", "lr", "device")
+            "particles": 1, "seed": 0, "device": "cpu", "objective": "elbo", "beta": 1.0, "warmup_epochs": 0,
+            "skip_nonfinite": 0}
+MODEL_OPTIONS = ("latent_dim", "hidden", "activation", "likelihood", "prior", "guide", "network")  # model arguments
+CHANGEABLE_ON_RESUME = ("epochs", "lr", "device", "clip_grad", "skip_nonfinite", "checkpoint_every")
 FIXED_ON_RESUME = ("dataset", "data_dir", "download", "binarize", "model", "model_arg", *MODEL_OPTIONS,
-                   "batch_size", "particles", "seed")
+                   "batch_size", "particles", "seed", "objective", "beta", "warmup_epochs")
 
 
 def positive(kind):
@@ -49,6 +56,30 @@ def positive(kind):
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = non_negative(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text}")
+    return int(value)
+
+
+def every(text: str) -> tuple[str, float]:
+    """``500`` → ("steps", 500); ``10min`` → ("minutes", 10)."""
+    if text.endswith("min"):
+        return "minutes", positive(float)(text[:-3])
+    return "steps", positive(int)(text)
 
 
 def add_parser(sub) -> None:
@@ -68,16 +99,26 @@ def add_parser(sub) -> None:
     g.add_argument("--likelihood", help="a registered likelihood, see pyrovae list (built-in VAE: bernoulli)")
     g.add_argument("--prior", help="a registered prior, see pyrovae list (built-in VAE: normal)")
     g.add_argument("--guide", help="a registered guide, see pyrovae list (built-in VAE: diagonal)")
+    g.add_argument("--network", help="mlp, or conv for 28×28 images (built-in VAE: mlp)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive(int), help="last epoch to train to (default: 100; with --resume, the run's)")
     g.add_argument("--batch-size", type=positive(int), help="data points per step (default: 128)")
     g.add_argument("--lr", type=positive(float), help="Adam learning rate (default: 0.001)")
     g.add_argument("--particles", type=positive(int), help="draws of z per data point in each ELBO estimate (default: 1)")
     g.add_argument("--seed", type=int, help="seed of the held-out split, initialization, batch order and binarization (default: 0)")
+    g.add_argument("--objective", choices=OBJECTIVES, help="elbo (Trace_ELBO), mean-field (analytic KL where it exists), "
+                   "iwae (the IWAE bound with k = --particles) or iwae-dreg (its doubly reparameterized gradient) (default: elbo)")
+    g.add_argument("--beta", type=non_negative, help="scale of the latent sites' log-densities, β-VAE (default: 1)")
+    g.add_argument("--warmup-epochs", type=non_negative, help="KL warm-up: β rises linearly from 0 over these epochs (default: 0)")
+    g.add_argument("--clip-grad", type=positive(float), help="clip the gradient's total norm to this value")
+    g.add_argument("--skip-nonfinite", type=non_negative_int, help="skip up to N steps whose loss or gradient is not finite "
+                   "(counted in metrics) before stopping (default: 0)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", type=Path, help="run folder (default: runs/<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--checkpoint-every", type=every, metavar="N|Mmin",
+                   help="also checkpoint every N steps, or every M minutes (e.g. 500 or 10min), besides every epoch")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder (once the new run has trained an epoch)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -128,7 +169,9 @@ def new_run(args, out: Path) -> tuple[Run, object]:
     if factory.is_file_reference(ref):
         source = factory.split_reference(ref)[0]
         model["file"] = {"original": source, "copy": MODEL_FILE, "sha256": factory.sha256(source)}
-    train = TrainConfig(given(args, "epochs"), given(args, "batch_size"), given(args, "lr"), given(args, "particles"), seed)
+    train = TrainConfig(given(args, "epochs"), given(args, "batch_size"), given(args, "lr"), given(args, "particles"), seed,
+                        given(args, "objective"), given(args, "beta"), given(args, "warmup_epochs"), args.clip_grad,
+                        given(args, "skip_nonfinite"))
     config = {
         "model": model,
         "data": {"dataset": dataset, "data_dir": absolute(args.data_dir), "download": bool(args.download),
@@ -150,9 +193,11 @@ def apply_resume_options(args, run_: Run) -> None:
     if args.epochs is not None and args.epochs != train["epochs"]:
         train["epochs"] = args.epochs
         changed.append(f"epochs {args.epochs}")
-    if args.lr is not None and args.lr != train["lr"]:
-        train["lr"] = args.lr
-        changed.append(f"lr {args.lr:g}")
+    for name in ("lr", "clip_grad", "skip_nonfinite"):
+        value = getattr(args, name)
+        if value is not None and value != train.get(name):
+            train[name] = value
+            changed.append(f"{name.replace('_', ' ')} {value:g}")
     if changed:
         print(f"resuming with {', '.join(changed)} (recorded in {run_.path / 'config.json'})")
 
@@ -191,21 +236,24 @@ def run(args) -> int:
     trained = parameters.trainable(model.model, model.guide, batches.peek(8))
     optimizer = make_optimizer(trained.values(), config.lr)
 
-    start_epoch = 0
+    start_epoch, resume_from = 0, None
     if args.resume:
         state = run_.load_checkpoint()
-        if state["epoch"] > config.epochs:
+        if state["epoch"] >= config.epochs and not (state["epoch"] == config.epochs and state.get("progress")):
             raise PyrovaeError(f"{out} has trained {state['epoch']} epochs already: give --epochs above {state['epoch']}")
         load_state(model, trained, state)
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:
             group["lr"] = config.lr
         batches.load_state_dict(state["batches"])
-        torch.set_rng_state(state["torch_rng"])
+        set_random_states(state)
         start_epoch = state["epoch"]
+        if state.get("progress"):
+            resume_from = Progress(**state["progress"])
         run_.truncate_metrics(start_epoch)
         run_.save_config()
-        print(f"resuming {out} after epoch {start_epoch} of {config.epochs}")
+        where = f" and {resume_from.step} steps" if resume_from else ""
+        print(f"resuming {out} after epoch {start_epoch}{where} of {config.epochs}")
     else:
         run_ = Run.create(out, run_.config, overwrite=args.overwrite)
         if run_.config["model"]["file"]:
@@ -219,9 +267,29 @@ def run(args) -> int:
         run_.append_metrics(metrics)
         run_.save_checkpoint(model, trained, optimizer, batches, metrics["epoch"])
         run_.commit()
+        schedule.saved()
+        stop.check(run_, metrics["epoch"], None)
 
+    def on_step_end(progress: Progress) -> None:
+        mid_epoch = progress.step < len(batches)
+        if mid_epoch and (stop.signal is not None or schedule.due(progress.step)):
+            run_.save_checkpoint(model, trained, optimizer, batches, progress.epoch - 1, progress.to_dict())
+            schedule.saved()
+            stop.check(run_, progress.epoch - 1, progress.step)
+
+    schedule, stop = CheckpointSchedule(args.checkpoint_every), StopRequest()
     try:
-        fit(model, batches, config, test_x, optimizer, start_epoch, on_epoch_end, progress=not args.no_progress)
+        with stop.installed():
+            fit(model, batches, config, test_x, optimizer, start_epoch, on_epoch_end, progress=not args.no_progress,
+                on_step_end=on_step_end, resume_from=resume_from)
+    except TrainingDiverged as e:
+        run_.discard()
+        if run_.replaces is not None:
+            raise TrainingDiverged(f"{e}; {run_.replaces} was left as it was") from None
+        last = run_.load_checkpoint()
+        where = f"epoch {last['epoch']}" + (f" and {last['progress']['step']} steps" if last.get("progress") else "")
+        raise TrainingDiverged(f"{e}; the last good checkpoint, {run_.path / 'checkpoint.pt'} ({where}), is intact: "
+                               f"resume it with a smaller --lr, --clip-grad or --skip-nonfinite") from None
     except BaseException:
         run_.discard()
         raise
@@ -240,6 +308,57 @@ def run(args) -> int:
     seconds = sum(m["seconds"] for m in history)
     print(f"{run_.path}: epoch {last['epoch']}, test ELBO {last['test_elbo']:.2f} nats per point ({seconds:.0f} s of training)")
     return 0
+
+
+class CheckpointSchedule:
+    """``--checkpoint-every``: due every N steps, or M minutes after the last checkpoint."""
+
+    def __init__(self, every: tuple[str, float] | None):
+        self.every = every
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.every is None:
+            return False
+        unit, n = self.every
+        return step % n == 0 if unit == "steps" else time.monotonic() - self.last >= 60 * n
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask training to stop after the current step, once a checkpoint is written."""
+
+    CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self):
+        self.signal = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            if self.signal is not None:  # asked twice: stop now (the last checkpoint stays intact)
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {s: signal.signal(s, handler) for s in self.CODES}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def check(self, run_: Run, epoch: int, step: int | None) -> None:
+        if self.signal is None:
+            return
+        where = f"epoch {epoch} and {step} steps" if step is not None else f"epoch {epoch}"
+        name = signal.Signals(self.signal).name
+        raise Interrupted(f"{name}: stopped after {where}, checkpoint written; resume with: "
+                          f"pyrovae train --out {shlex.quote(str(run_.path))} --resume", self.CODES[self.signal])
 
 
 def _is_boolean(support) -> bool:

@@ -143,3 +143,27 @@ class PlainChild(PyroStyle):
 
 def plain_child(data_dim, image_shape=None, latent_dim=2):
     return PlainChild(data_dim, latent_dim)
+
+
+class Flaky(Tutorial):
+    """Tutorial style whose likelihood turns nan on every ``every``-th training step (a call with
+    gradients on a batch of more than 8 points)."""
+
+    def __init__(self, data_dim, latent_dim=2, every=4):
+        super().__init__(data_dim, latent_dim)
+        self.every, self.calls = every, 0
+
+    def model(self, x):
+        training = x.shape[0] > 8 and torch.is_grad_enabled()
+        self.calls += training
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+            logits = self.decoder(z)
+            if training and self.calls % self.every == 0:
+                logits = logits * float("nan")
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+def flaky(data_dim, image_shape=None, every=4):
+    return Flaky(data_dim, every=every)
