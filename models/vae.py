@@ -42,6 +42,16 @@ class VAEConfig:
     guide: str = "diagonal"  # see GUIDES.names()
     network: Literal["mlp", "conv"] = "mlp"  # conv: 28 × 28 single-channel images only
 
+    def __post_init__(self):
+        for name in ("data_dim", "latent_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PyrovaeError(f"{name} must be a positive whole number, got {value!r}")
+        hidden = self.hidden
+        if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+            raise PyrovaeError(f"hidden must be a list of positive whole numbers (layer sizes), got {hidden!r}")
+        self.hidden = tuple(hidden)
+
     def to_dict(self) -> dict:
         return {"name": "vae", **asdict(self), "hidden": list(self.hidden)}
 
@@ -126,4 +136,4 @@ def vae(
     """
     if network == "conv":
         check_image_shape(image_shape)
-    return build_vae(VAEConfig(data_dim, latent_dim, tuple(hidden), activation, likelihood, prior, guide, network))
+    return build_vae(VAEConfig(data_dim, latent_dim, (hidden,) if isinstance(hidden, int) else hidden, activation, likelihood, prior, guide, network))

@@ -33,6 +33,7 @@ from .data import Dataset, load_dataset, static_binarized
 from .errors import PyrovaeError
 
 CONFIG, METRICS, CHECKPOINT, MODEL_FILE = "config.json", "metrics.jsonl", "checkpoint.pt", "model.py"
+REQUIRED = {"model": (), "data": ("dataset", "binarize"), "train": ("epochs", "batch_size", "lr")}
 LEGACY_SPLIT_NOTE = ("note: {path} was written before splits were recorded: it trained on the seed-0 split "
                      "whatever its seed, and is evaluated on that split")
 
@@ -123,9 +124,11 @@ class Run:
             raise PyrovaeError(f"{path} is not a run folder (no {CONFIG}): give the folder that pyrovae train wrote")
         try:
             config = json.loads((path / CONFIG).read_text())
-            config["model"], config["data"], config["train"]  # noqa: B018 - the three sections exist
+            missing = [f"{section}.{key}" for section, keys in REQUIRED.items() for key in keys if key not in config[section]]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise PyrovaeError(f"{path / CONFIG} is corrupt ({type(e).__name__}: {e}): it cannot be read as a run's config") from None
+        if missing:
+            raise PyrovaeError(f"{path / CONFIG} is corrupt (missing {', '.join(missing)}): it cannot be read as a run's config")
         return cls(path, config)
 
     def save_config(self) -> None:

@@ -40,5 +40,17 @@ def require_images(data: Dataset, what: str) -> None:
         raise PyrovaeError(f"cannot draw {what}: the data set's points are vectors, not images")
 
 
+def at_least(value: int, minimum: int, option: str) -> None:
+    if value < minimum:
+        raise PyrovaeError(f"{option} must be at least {minimum}, got {value}")
+
+
+def writable_file(path: Path | None, option: str) -> None:
+    """Refuse, before any work, an output file whose folder does not exist."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise PyrovaeError(f"{option} {path}: the folder {Path(path).parent} does not exist")
+
+
 def output_path(args, run: Run, default: str) -> Path:
+    writable_file(args.out, "--out")
     return args.out if args.out is not None else run.path / default

@@ -9,7 +9,7 @@ import torch
 from pyrovae.generate import interpolate
 from pyrovae.plots import save_grid
 
-from .common import add_run_argument, open_run, output_path, require_images
+from .common import add_run_argument, at_least, open_run, output_path, require_images
 
 
 def add_parser(sub) -> None:
@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    at_least(args.pairs, 1, "--pairs")
+    at_least(args.steps, 2, "--steps")
     run_, module, device = open_run(args)
     data = run_.dataset()
     require_images(data, "interpolations")

@@ -7,7 +7,7 @@ from pathlib import Path
 from pyrovae.generate import sample_prior
 from pyrovae.plots import save_grid
 
-from .common import add_run_argument, open_run, output_path, require_images
+from .common import add_run_argument, at_least, open_run, output_path, require_images
 
 
 def add_parser(sub) -> None:
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    at_least(args.num, 1, "-n")
     run_, module, device = open_run(args)
     data = run_.dataset()
     require_images(data, "samples")

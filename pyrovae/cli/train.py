@@ -205,8 +205,10 @@ def apply_resume_options(args, run_: Run) -> None:
 def run(args) -> int:
     device = resolve_device(given(args, "device"))
     out = args.out or default_out(given(args, "dataset"))
-    if out.exists() and not out.is_dir():
-        raise PyrovaeError(f"--out {out} is a file, not a folder: choose another --out")
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            where = "" if folder == out else f" ({folder} is a file)"
+            raise PyrovaeError(f"--out {out} is a file, not a folder{where}: choose another --out")
     if args.resume and args.overwrite:
         raise PyrovaeError("--resume and --overwrite contradict each other: give one")
     if args.resume:
