@@ -168,7 +168,8 @@ def main(argv=None) -> None:
     for name in methods:
         print(f"{name:<16} {rate[name]:>9.2f} {rate[name] / rate['pytorch']:>8.2f}×  {means[name][0]:.3f} ± {means[name][1]:.3f}")
     print(f"pyrovae / pytorch, median of the per-repeat ratios: {row['ratio_paired_median']:.2f}×")
-    write_json({"benchmark": "ais_speed", "machine": machine(), "settings": vars(args), "results": [row]}, args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("data_dir", "out")}  # no machine paths in the results
+    write_json({"benchmark": "ais_speed", "machine": machine(), "settings": settings, "results": [row]}, args.out)
 
 
 if __name__ == "__main__":

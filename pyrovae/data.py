@@ -47,7 +47,9 @@ class Dataset:
 
     train: (N, P); test: (M, P); image_shape: (C, H, W) with C*H*W = P for
     pictures, None for plain vectors; train_labels (N,) and test_labels (M,):
-    long class labels, or None where the data set has none.
+    long class labels, or None where the data set has none; valid (V, P) and
+    valid_labels: rows carved out of the training set for validation
+    (:func:`with_validation`), or None.
     """
 
     name: str
@@ -56,6 +58,8 @@ class Dataset:
     image_shape: tuple[int, int, int] | None
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    valid_labels: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -92,6 +96,24 @@ def load_dataset(
     raise DataError(
         f"unknown data set {name!r}: use one of {', '.join(DATASETS)}, or a path to a .npz/.npy file"
     )
+
+
+def with_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """The data set with ``fraction`` of its training rows moved to ``valid`` (at random,
+    deterministic for ``seed``, independent of the held-out split drawn with the same seed)."""
+    if fraction == 0:
+        return data
+    n = data.train.shape[0]
+    n_valid = round(n * fraction) if 0 < fraction < 1 else 0
+    if not 1 <= n_valid < n:
+        raise DataError(f"validation fraction {fraction} leaves no validation or no training points out of {n}: "
+                        "choose a fraction in (0, 1), or 0")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_substream_seed(seed, key=2) % 2**63))
+    valid, train = perm[:n_valid].sort().values, perm[n_valid:].sort().values
+    labels = data.train_labels
+    return Dataset(data.name, data.train[train], data.test, data.image_shape,
+                   None if labels is None else labels[train], data.test_labels,
+                   data.train[valid], None if labels is None else labels[valid])
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -247,9 +269,9 @@ class Batches:
         self._next = state["next"]
 
 
-def _substream_seed(seed: int) -> int:
-    """A seed for a second random stream, independent of the one seeded by ``seed``."""
-    return int(np.random.SeedSequence(seed % 2**64, spawn_key=(1,)).generate_state(1, np.uint64)[0])
+def _substream_seed(seed: int, key: int = 1) -> int:
+    """A seed for another random stream (one per ``key``), independent of the one seeded by ``seed``."""
+    return int(np.random.SeedSequence(seed % 2**64, spawn_key=(key,)).generate_state(1, np.uint64)[0])
 
 
 def _split(x, labels, test_fraction, seed):

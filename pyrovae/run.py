@@ -7,6 +7,7 @@
                            line of epoch 0 is the untrained model (its train_elbo is null)
     RUN/checkpoint.pt      parameters (every one the ELBO trains), optimizer state, batch order and
                            random states, epoch (written atomically; an epoch-0 one before training)
+    RUN/best.pt            the same, at the epoch with the best validation ELBO so far
     RUN/samples.png, reconstructions.png, interpolations.png, loss.png
 
 The held-out split is made once, when the run starts (``data.split_seed``, ``data.test_fraction``),
@@ -29,10 +30,10 @@ import numpy as np
 import torch
 
 from . import checkpoint, factory, params as parameters
-from .data import Dataset, load_dataset, static_binarized
+from .data import Dataset, load_dataset, static_binarized, with_validation
 from .errors import PyrovaeError
 
-CONFIG, METRICS, CHECKPOINT, MODEL_FILE = "config.json", "metrics.jsonl", "checkpoint.pt", "model.py"
+CONFIG, METRICS, CHECKPOINT, BEST, MODEL_FILE = "config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "model.py"
 REQUIRED = {"model": (), "data": ("dataset", "binarize"), "train": ("epochs", "batch_size", "lr")}
 LEGACY_SPLIT_NOTE = ("note: {path} was written before splits were recorded: it trained on the seed-0 split "
                      "whatever its seed, and is evaluated on that split")
@@ -150,9 +151,10 @@ class Run:
 
     # checkpoints
     def save_checkpoint(self, model, params: dict, optimizer: torch.optim.Optimizer, batches, epoch: int,
-                        progress: dict | None = None) -> None:
+                        progress: dict | None = None, extra: dict | None = None, name: str = CHECKPOINT) -> None:
         """Everything a resumed run needs to continue as if never stopped: ``epoch`` epochs done, and
-        with ``progress`` (:class:`pyrovae.train.Progress` as a dict) the steps done in the next one."""
+        with ``progress`` (:class:`pyrovae.train.Progress` as a dict) the steps done in the next one;
+        ``extra``: more state (the learning-rate schedule, the validation monitor)."""
         state = {
             "format": 2,
             "epoch": epoch,
@@ -161,13 +163,15 @@ class Run:
             "optimizer": optimizer.state_dict(),
             "batches": batches.state_dict(),
             **random_states(),
+            **(extra or {}),
             "config": self.config,
         }
-        checkpoint.save_atomic(state, self.path / CHECKPOINT)
+        checkpoint.save_atomic(state, self.path / name)
 
-    def load_checkpoint(self) -> dict:
-        """The checkpoint, every tensor on the CPU (loading copies them to the model's device)."""
-        return checkpoint.load(self.path / CHECKPOINT, map_location="cpu")
+    def load_checkpoint(self, name: str = CHECKPOINT) -> dict:
+        """The checkpoint (``checkpoint.pt``, or ``best.pt``), every tensor on the CPU (loading copies
+        them to the model's device)."""
+        return checkpoint.load(self.path / name, map_location="cpu")
 
     # data
     @property
@@ -188,6 +192,7 @@ class Run:
                 self.notes.append(note)
         data = load_dataset(d["dataset"], d.get("data_dir"), download=d.get("download", False),
                             test_fraction=d.get("test_fraction", 0.2), seed=self.split_seed)
+        data = with_validation(data, d.get("validation_fraction", 0), self.split_seed)
         recorded = d.get("heldout_sha256")
         if recorded is not None and recorded != heldout_sha256(data.test):
             raise PyrovaeError(
@@ -198,12 +203,14 @@ class Run:
 
     def eval_split(self, data: Dataset, split: str = "test") -> torch.Tensor:
         """The split as the model is evaluated on it: binarized once with the run's seed if it trained on binary data."""
-        if split not in ("train", "test"):
-            raise PyrovaeError(f"unknown split {split!r}: use train or test")
+        if split not in ("train", "test", "valid"):
+            raise PyrovaeError(f"unknown split {split!r}: use train, valid or test")
         x = getattr(data, split)
+        if x is None:
+            raise PyrovaeError(f"{self.path} has no validation split: it was trained with --validation-fraction 0")
         d = self.config["data"]
         if d["binarize"] != "none":
-            x = static_binarized(x, d.get("seed", 0) + (1 if split == "test" else 0))
+            x = static_binarized(x, d.get("seed", 0) + {"train": 0, "test": 1, "valid": 2}[split])
         return x
 
     # model
@@ -236,14 +243,16 @@ class Run:
         obj = factory.build(factory.load(ref), ref, m.get("data_dim", data.dim), image_shape, self.model_args())
         return obj.to(device) if hasattr(obj, "to") else obj
 
-    def load_model(self, device: torch.device | str = "cpu"):
+    def load_model(self, device: torch.device | str = "cpu", which: str = "last"):
         """(data, trained model, its parameters): rebuilt, its parameters found as SVI finds them, and
         loaded from the checkpoint."""
         data = self.dataset()
         model = self.build_model(data, device)
         example = self.eval_split(data)[:8].to(device)
         trained = parameters.trainable(model.model, model.guide, example)
-        state = self.load_checkpoint()
+        if which not in ("last", "best"):
+            raise PyrovaeError(f"unknown checkpoint {which!r}: use last or best")
+        state = self.load_checkpoint(CHECKPOINT if which == "last" else BEST)
         load_state(model, trained, state)
         return data, model, trained
 

@@ -45,6 +45,8 @@ class TrainConfig:
     warmup_epochs: float = 0  # β rises linearly from 0 over these epochs (KL warm-up)
     clip_grad: float | None = None  # clip the gradient's total norm to this (None: no clipping)
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before training stops
+    lr_schedule: str = "none"  # none, cosine (to 0 at the last epoch) or plateau (halve after 5 epochs without progress)
+    early_stopping: int | None = None  # stop after this many epochs without a better validation ELBO
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +80,40 @@ def elbo_loss(model: Callable, guide: Callable, num_particles: int = 1) -> Calla
         return elbo.differentiable_loss(model, guide, *args, **kwargs)
 
     return loss
+
+
+@dataclass
+class Monitor:
+    """The best validation ELBO so far, for ``best.pt`` and early stopping (saved in checkpoints)."""
+
+    best: float = -math.inf
+    best_epoch: int = 0
+    epochs_without_progress: int = 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record an epoch's validation ELBO; True if it is the best so far."""
+        if value > self.best:
+            self.best, self.best_epoch, self.epochs_without_progress = value, epoch, 0
+            return True
+        self.epochs_without_progress += 1
+        return False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+LR_SCHEDULES = ("none", "cosine", "plateau")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The learning-rate schedule, stepped once per epoch (None for a constant rate)."""
+    if config.lr_schedule == "none":
+        return None
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=5)
+    raise PyrovaeError(f"unknown learning-rate schedule {config.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Adam:
@@ -134,6 +170,9 @@ def fit(
     progress: bool = True,
     on_step_end: Callable[[Progress], None] | None = None,
     resume_from: Progress | None = None,
+    valid_x: torch.Tensor | None = None,
+    scheduler=None,
+    monitor: Monitor | None = None,
 ) -> list[dict]:
     """Train ``module.model`` / ``module.guide`` for epochs ``start_epoch + 1 … config.epochs``.
 
@@ -148,6 +187,11 @@ def fit(
     ``test_elbo`` (the plain ELBO per point, when ``test_x`` is given), ``seconds`` and ``skipped``.
     ``on_step_end(progress)`` runs after every step (the CLI checkpoints and stops there);
     ``on_epoch_end(metrics)`` after each epoch; ``resume_from`` continues an epoch saved mid-way.
+
+    With ``valid_x`` each epoch also reports ``valid_elbo``, which alone decides: ``best`` (the best
+    so far, in ``monitor``), the plateau schedule and early stopping (``config.early_stopping``
+    epochs without a better one). The test set, ``test_x``, is reported and never decides anything.
+    ``scheduler`` (:func:`make_scheduler`) is stepped after each epoch.
     """
     from .objectives import loss as objective_loss, warmup_scale
 
@@ -187,10 +231,28 @@ def fit(
                 metrics["skipped"] = state.skipped
             if test_x is not None:
                 metrics["test_elbo"] = mean_elbo(test_loss, test_x)
+            if valid_x is not None:
+                metrics["valid_elbo"] = mean_elbo(test_loss, valid_x)
+            watched = metrics.get("valid_elbo", metrics["train_elbo"])
+            if monitor is not None:
+                metrics["best"] = monitor.update(epoch, watched)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(watched)
+            elif scheduler is not None:
+                scheduler.step()
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            stop = (config.early_stopping is not None and monitor is not None
+                    and monitor.epochs_without_progress >= config.early_stopping)
+            if stop:
+                metrics["stopped_early"] = True
             bar.set_postfix(elbo=f"{metrics.get('test_elbo', metrics['train_elbo']):.2f}")
             log.info("epoch %d: %s", epoch, metrics)
             history.append(metrics)
             state = Progress(epoch=epoch + 1, skipped=state.skipped)
             if on_epoch_end is not None:
                 on_epoch_end(metrics)
+            if stop:
+                log.info("no better validation ELBO for %d epochs: stopping after epoch %d (best: epoch %d)",
+                         config.early_stopping, epoch, monitor.best_epoch)
+                break
     return history

@@ -326,6 +326,9 @@ def test_cli_ais_and_bdmc(tmp_path, capsys):
     assert len(bdmc_report["per_point"]["gap"]) == 3
     assert "ais" not in json.loads((tmp_path / "b.json").read_text())["summary"]
 
+    assert main(["evaluate", str(run), "--ais", *common, "--ais-steps", "0"]) == 2
+    assert "AIS steps T must be at least 1" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_benchmark_tiny(tmp_path):

@@ -19,7 +19,7 @@ from pyrovae.models import VAEConfig
 from pyrovae.train import TrainConfig
 
 SMALL = ["--hidden", "32", "--latent-dim", "4", "--no-progress"]
-RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "samples.png", "reconstructions.png", "interpolations.png", "loss.png"}
+RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "samples.png", "reconstructions.png", "interpolations.png", "loss.png"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -209,7 +209,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
         pytest.param(["--dataset", "missing.npy"], r"data file not found: /.*/missing\.npy", id="missing-file"),
         pytest.param(["--device", "tpu"], r"unknown device 'tpu': use cpu, cuda, cuda:N or auto", id="device-tpu"),
         pytest.param(["--device", "cuda"], r"CUDA is not available .*--device cpu", id="device-cuda", marks=no_cuda),
-        pytest.param(["--dataset", "tiny.npy", "--batch-size", "64"], r"batch size 64 is larger than the 8 training points", id="batch-too-large"),
+        pytest.param(["--dataset", "tiny.npy", "--batch-size", "64"], r"batch size 64 is larger than the 7 training points", id="batch-too-large"),
         pytest.param(["--dataset", "big.npy"], r"dynamic binarization needs values in \[0, 1\], got min 2, max 2: rescale", id="values-above-1"),
         pytest.param(["--dataset", "grey.npy", "--binarize", "none"], r"observed site 'x'\) has \d+ values outside the support \{0, 1\}.*--binarize static or dynamic.*continuous-bernoulli", id="grey-bernoulli"),
         pytest.param(["--dataset", "mnist", "--data-dir", "empty"], r"mnist not found: looked for train-images-idx3-ubyte.*--data-dir", id="mnist-missing"),

@@ -439,7 +439,7 @@ def dynamic_problems(batches: Batches, p: torch.Tensor, passes: int) -> list[str
     - "afresh": two passes served the same draw.
     """
     problems = set()
-    n, width = p.shape
+    width = p.shape[1]
     weights = 2 ** torch.arange(batches.x.shape[1] - width)
     ones = torch.zeros_like(p)
     draws = []

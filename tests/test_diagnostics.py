@@ -185,8 +185,8 @@ def known_tail_problems(khat_fn, K=2000, N=20) -> list[str]:
       over any threshold are exactly generalized Pareto with shape ξ. PSIS fits the largest
       M = ⌈min(K/5, 3√K)⌉ = 135 of them, and arviz shrinks the fit towards 0.5 with a prior worth 10
       observations, so E k̂ ≈ (M ξ + 10 · 0.5) / (M + 10). The fit's standard deviation is
-      (1 + ξ)/√M, the asymptotic one of the maximum-likelihood shape (Smith 1985; measured here
-      over 200 points: within 8 % of it). The mean k̂ over N points must lie within 4 standard errors,
+      (1 + ξ)/√M, the asymptotic one of the maximum-likelihood shape (Smith 1985; measured over
+      200 points at K = 2000: within 5 % of it). The mean k̂ over N points must lie within 4 standard errors,
       4 (1 + ξ)/√(M N), of the expected value.
     - Gaussian log-weights with small variance, log w ~ N(0, 0.3²): lognormal weights have every
       moment, k = 0; every point's k̂ must be below 0.5 (the largest of 200 measured here: 0.27).

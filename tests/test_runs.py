@@ -72,7 +72,7 @@ def test_every_command_holds_out_the_points_training_never_saw(seed, tmp_path, m
         assert recorder.rows().isdisjoint(trained[0]), command
         assert recorder.rows() <= rows(digits.test), command
     assert len(held_out["evaluate"].rows()) == len(digits.test) == 359
-    assert trained[0] == rows(digits.train)
+    assert trained[0] < rows(digits.train)  # less the validation rows
     # the check can fail: the seed-0 split, which every command used before splits were recorded, overlaps
     assert not rows(load_dataset("digits", seed=0).test).isdisjoint(trained[0])
 
@@ -217,3 +217,52 @@ def test_evaluate_refuses_grey_levels_under_a_bernoulli_likelihood():
     grey = load_dataset("digits").test[:10]
     with pytest.raises(DataError, match=r"observed site 'x'\) has \d+ values outside the support \{0, 1\}.*binarize"):
         evaluate(model.model, model.guide, grey, num_samples=10, particles_elbo=2)
+
+
+def test_validation_rows_are_carved_from_training_and_decide_best_and_early_stopping(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    batches = Recorder(monkeypatch, train_command, "Batches", 0)
+    argv = ["train", "--likelihood", "continuous-bernoulli", "--validation-fraction", "0.25", "--early-stopping", "1",
+            "--lr", "0.2", "--epochs", "30", "--out", "run", *SMALL]
+    assert main(argv) == 0
+    digits = load_dataset("digits", seed=0)
+    trained = batches.rows()
+    assert len(trained) == round(0.75 * len(digits.train)) and trained < rows(digits.train)
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert all("valid_elbo" in m for m in history)
+    assert history[-1].get("stopped_early") and len(history) < 30  # a large rate stops improving soon
+    best = max(history, key=lambda m: m["valid_elbo"])
+    assert [m["epoch"] for m in history if m["best"]][-1] == best["epoch"]
+    assert not history[-1]["best"]  # stopped one epoch after the last improvement
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert state["epoch"] == best["epoch"] and state["monitor"]["best"] == best["valid_elbo"]
+    capsys.readouterr()
+    assert main(["evaluate", "run", "--checkpoint", "best", "--split", "valid", "-k", "5", "--particles-elbo", "2",
+                 "--no-compile", "--no-progress"]) == 0
+    assert f"valid split, {len(digits.train) - len(trained)} points" in capsys.readouterr().out
+
+
+def test_the_cosine_schedule_is_resumed_where_it_stopped(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--lr-schedule", "cosine", "--lr", "0.01", *SMALL]
+    assert main(["train", "--epochs", "4", "--out", "A", *common]) == 0
+    fit = train_command.fit
+
+    def stopped_after_epoch_2(*args, **kwargs):
+        def on_epoch_end(metrics):
+            args[6](metrics)
+            if metrics["epoch"] == 2:
+                raise KeyboardInterrupt
+
+        return fit(*args[:6], on_epoch_end, **kwargs)
+
+    monkeypatch.setattr(train_command, "fit", stopped_after_epoch_2)
+    assert main(["train", "--epochs", "4", "--out", "B", *common]) == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "--out", "B", "--no-progress"]) == 0
+    lrs = {run: [json.loads(line).get("lr") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()][1:]
+           for run in "AB"}
+    expected = [0.01 * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(1, 5)]  # the rate for the next epoch
+    np.testing.assert_allclose(lrs["A"], expected, atol=1e-12)
+    assert lrs["A"] == lrs["B"]

@@ -225,7 +225,7 @@ def test_fit_calls_back_after_each_epoch_and_starts_where_told(monkeypatch, vari
     assert seen == history
     assert [len(losses) for losses in step_losses] == [4, 4, 4, 0]
     for m in history:
-        assert set(m) == {"epoch", "train_elbo", "test_elbo", "seconds"}
+        assert {"epoch", "train_elbo", "test_elbo", "seconds"} <= set(m)  # and what else fit reports (the learning rate)
         assert m["seconds"] >= 0
     mutate, expected = METRIC_BREAKS[variant]
     problems = epoch_metric_problems([mutate(m) for m in history], step_losses, test_checks)
@@ -234,7 +234,7 @@ def test_fit_calls_back_after_each_epoch_and_starts_where_told(monkeypatch, vari
     else:
         assert len(problems) == 3 and all(expected in p for p in problems), problems
     without_test = fit(vae, batches, TrainConfig(epochs=1, batch_size=8), progress=False)
-    assert set(without_test[0]) == {"epoch", "train_elbo", "seconds"}
+    assert {"epoch", "train_elbo", "seconds"} <= set(without_test[0]) and "test_elbo" not in without_test[0]
 
 
 def test_fit_does_nothing_past_the_last_epoch():

@@ -18,6 +18,8 @@ def add_run_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", type=Path, help="a run folder written by pyrovae train")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="the last checkpoint, or best.pt: the epoch with the best validation ELBO (default: last)")
 
 
 def open_run(args) -> tuple[Run, object, torch.device]:
@@ -27,7 +29,7 @@ def open_run(args) -> tuple[Run, object, torch.device]:
     torch.manual_seed(args.seed)
     run = Run.open(args.run_dir)
     parameters.clear()
-    _, model, _ = run.load_model(device)
+    _, model, _ = run.load_model(device, args.checkpoint)
     for note in run.notes:
         print(note, file=sys.stderr)
     if hasattr(model, "eval"):

@@ -17,7 +17,7 @@ from pyrovae import ais as ais_
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import DEFAULT_IWAE_KS, evaluate, to_inference_data
 
-from .common import add_run_argument, open_run
+from .common import add_run_argument, open_run, writable_file
 
 
 def add_parser(sub) -> None:
@@ -42,9 +42,9 @@ def add_parser(sub) -> None:
     g.add_argument("--ais-steps", type=int, default=ais_.DEFAULT_STEPS, metavar="T", help="intermediate distributions (sigmoidal schedule)")
     g.add_argument("--ais-chains", type=int, default=ais_.DEFAULT_CHAINS, metavar="M", help="AIS chains per point")
     g.add_argument("--ais-leapfrog", type=int, default=ais_.DEFAULT_LEAPFROG, metavar="L", help="leapfrog steps per HMC transition")
-    g.add_argument("--ais-step-size", type=float, default=ais_.DEFAULT_STEP_SIZE, help="initial HMC step size, adapted per point toward acceptance 0.65")
+    g.add_argument("--ais-step-size", type=float, default=ais_.DEFAULT_STEP_SIZE, metavar="EPS", help="initial HMC step size, adapted per point toward acceptance 0.65")
     g.add_argument("--ais-start", choices=("guide", "prior"), default="guide", help="the chains start from the guide q(z|x) or the prior p(z)")
-    g.add_argument("--ais-batch-size", type=int, help="points per AIS pass (default: as many as fit 4096 chains)")
+    g.add_argument("--ais-batch-size", type=int, metavar="N", help="points per AIS pass (default: as many as fit 4096 chains)")
     g.add_argument("--bdmc", action="store_true",
                    help="bidirectional Monte Carlo: lower and upper bounds on log p(x) for --limit N points simulated from the model")
     p.set_defaults(run=run)
@@ -53,6 +53,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise PyrovaeError(f"--limit must be at least 1, got {args.limit}")
+    writable_file(args.json, "--json")
+    writable_file(args.netcdf, "--netcdf")
+    options = dict(num_steps=args.ais_steps, num_chains=args.ais_chains, num_leapfrog=args.ais_leapfrog,
+                   step_size=args.ais_step_size, start=args.ais_start, batch_size=args.ais_batch_size)
+    if args.ais or args.bdmc:
+        ais_.AISSettings(**options).check()  # before the importance sampling, not after it
     run_, module, device = open_run(args)
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
@@ -62,8 +68,6 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     print(f"{run_.path}: {args.split} split, {len(x)} points, {seconds:.1f} s ({len(x) / seconds:.1f} points/s)")
     print(result.table())
-    options = dict(num_steps=args.ais_steps, num_chains=args.ais_chains, num_leapfrog=args.ais_leapfrog,
-                   step_size=args.ais_step_size, start=args.ais_start, batch_size=args.ais_batch_size)
     ais_result = bdmc_result = None
     if args.ais:
         start = time.perf_counter()

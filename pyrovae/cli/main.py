@@ -9,9 +9,9 @@ import sys
 from pyrovae import __version__
 from pyrovae.errors import Interrupted, PyrovaeError
 
-from . import evaluate, interpolate, list as list_command, reconstruct, sample, train
+from . import compare, evaluate, interpolate, latents, list as list_command, reconstruct, sample, train
 
-COMMANDS = (train, sample, reconstruct, interpolate, evaluate, list_command)
+COMMANDS = (train, sample, reconstruct, interpolate, evaluate, compare, latents, list_command)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -24,24 +24,25 @@ from pathlib import Path
 import torch
 
 from pyrovae import contract, factory, params as parameters
-from pyrovae.data import BINARIZATIONS, DATASETS, Batches, check_binarizable, load_dataset, static_binarized
+from pyrovae.data import BINARIZATIONS, DATASETS, Batches, check_binarizable, load_dataset, static_binarized, with_validation
 from pyrovae.errors import Interrupted, PyrovaeError
 from pyrovae.generate import sample_prior
 from pyrovae.plots import save_grid, save_loss_curve
-from pyrovae.run import MODEL_FILE, Run, heldout_sha256, load_state, resolve_device, set_random_states
+from pyrovae.run import BEST, CHECKPOINT, MODEL_FILE, Run, heldout_sha256, load_state, resolve_device, set_random_states
 from pyrovae.objectives import OBJECTIVES
-from pyrovae.train import Progress, TrainConfig, TrainingDiverged, elbo_loss, fast_context, fit, make_optimizer, mean_elbo
+from pyrovae.train import LR_SCHEDULES, Monitor, Progress, TrainConfig, TrainingDiverged, make_scheduler, elbo_loss, fast_context, fit, make_optimizer, mean_elbo
 
 from .interpolate import save_interpolations
 from .reconstruct import save_reconstructions
 
 DEFAULTS = {"dataset": "digits", "model": factory.BUILTIN, "epochs": 100, "batch_size": 128, "lr": 1e-3,
             "particles": 1, "seed": 0, "device": "cpu", "objective": "elbo", "beta": 1.0, "warmup_epochs": 0,
-            "skip_nonfinite": 0}
+            "skip_nonfinite": 0, "validation_fraction": 0.1, "lr_schedule": "none"}
 MODEL_OPTIONS = ("latent_dim", "hidden", "activation", "likelihood", "prior", "guide", "network")  # model arguments
-CHANGEABLE_ON_RESUME = ("epochs", "lr", "device", "clip_grad", "skip_nonfinite", "checkpoint_every")
+CHANGEABLE_ON_RESUME = ("epochs", "lr", "device", "clip_grad", "skip_nonfinite", "checkpoint_every", "early_stopping")
 FIXED_ON_RESUME = ("dataset", "data_dir", "download", "binarize", "model", "model_arg", *MODEL_OPTIONS,
-                   "batch_size", "particles", "seed", "objective", "beta", "warmup_epochs")
+                   "batch_size", "particles", "seed", "objective", "beta", "warmup_epochs",
+                   "validation_fraction", "lr_schedule")
 
 
 def positive(kind):
@@ -75,6 +76,13 @@ def non_negative_int(text: str) -> int:
     return int(value)
 
 
+def fraction(text: str) -> float:
+    value = non_negative(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def every(text: str) -> tuple[str, float]:
     """``500`` → ("steps", 500); ``10min`` → ("minutes", 10)."""
     if text.endswith("min"):
@@ -89,6 +97,8 @@ def add_parser(sub) -> None:
     g.add_argument("--dataset", help=f"{', '.join(DATASETS)}, or a .npz/.npy file of images or vectors (default: digits)")
     g.add_argument("--data-dir", type=Path, help="folder with the MNIST/Fashion-MNIST IDX files (default: ~/.cache/pyrovae or $PYROVAE_DATA)")
     g.add_argument("--download", action="store_true", default=None, help="download MNIST/Fashion-MNIST through torchvision if missing")
+    g.add_argument("--validation-fraction", type=fraction, help="share of the training rows held out for validation: "
+                   "its ELBO picks best.pt, early stopping and the plateau schedule; the test set decides nothing (default: 0.1)")
     g.add_argument("--binarize", choices=BINARIZATIONS, help="pixel binarization (default: dynamic where the observed site is binary, else none)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"model factory, FILE.py:NAME or package.module:NAME (default: {factory.BUILTIN})")
@@ -110,6 +120,10 @@ def add_parser(sub) -> None:
                    "iwae (the IWAE bound with k = --particles) or iwae-dreg (its doubly reparameterized gradient) (default: elbo)")
     g.add_argument("--beta", type=non_negative, help="scale of the latent sites' log-densities, β-VAE (default: 1)")
     g.add_argument("--warmup-epochs", type=non_negative, help="KL warm-up: β rises linearly from 0 over these epochs (default: 0)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="none, cosine (to 0 at the last epoch) or plateau "
+                   "(halve the rate after 5 epochs without a better validation ELBO) (default: none)")
+    g.add_argument("--early-stopping", type=positive(int), metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better validation ELBO")
     g.add_argument("--clip-grad", type=positive(float), help="clip the gradient's total norm to this value")
     g.add_argument("--skip-nonfinite", type=non_negative_int, help="skip up to N steps whose loss or gradient is not finite "
                    "(counted in metrics) before stopping (default: 0)")
@@ -158,6 +172,8 @@ def new_run(args, out: Path) -> tuple[Run, object]:
     seed = given(args, "seed")
     dataset = dataset_reference(given(args, "dataset"))
     data = load_dataset(dataset, args.data_dir, download=bool(args.download), seed=seed)
+    validation = given(args, "validation_fraction")
+    data = with_validation(data, validation, seed)
     ref = given(args, "model")
     if factory.is_file_reference(ref):
         where, name = factory.split_reference(ref)
@@ -171,11 +187,12 @@ def new_run(args, out: Path) -> tuple[Run, object]:
         model["file"] = {"original": source, "copy": MODEL_FILE, "sha256": factory.sha256(source)}
     train = TrainConfig(given(args, "epochs"), given(args, "batch_size"), given(args, "lr"), given(args, "particles"), seed,
                         given(args, "objective"), given(args, "beta"), given(args, "warmup_epochs"), args.clip_grad,
-                        given(args, "skip_nonfinite"))
+                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping)
     config = {
         "model": model,
         "data": {"dataset": dataset, "data_dir": absolute(args.data_dir), "download": bool(args.download),
                  "binarize": args.binarize, "seed": seed, "split_seed": seed, "test_fraction": 0.2,
+                 "validation_fraction": validation,
                  "heldout_sha256": heldout_sha256(data.test)},
         "train": train.to_dict(),
     }
@@ -193,7 +210,7 @@ def apply_resume_options(args, run_: Run) -> None:
     if args.epochs is not None and args.epochs != train["epochs"]:
         train["epochs"] = args.epochs
         changed.append(f"epochs {args.epochs}")
-    for name in ("lr", "clip_grad", "skip_nonfinite"):
+    for name in ("lr", "clip_grad", "skip_nonfinite", "early_stopping"):
         value = getattr(args, name)
         if value is not None and value != train.get(name):
             train[name] = value
@@ -235,8 +252,14 @@ def run(args) -> int:
     contract.check(model.model, model.guide, sample.to(device), "the training data")
     batches = Batches(data.train, config.batch_size, d["binarize"], seed=config.seed, device=device)
     test_x = run_.eval_split(data).to(device)
+    valid_x = None if data.valid is None else run_.eval_split(data, "valid").to(device)
     trained = parameters.trainable(model.model, model.guide, batches.peek(8))
     optimizer = make_optimizer(trained.values(), config.lr)
+    scheduler, monitor = make_scheduler(optimizer, config), Monitor()
+
+    def save(epoch: int, progress: dict | None = None, name: str = CHECKPOINT) -> None:
+        extra = {"monitor": monitor.to_dict(), "scheduler": None if scheduler is None else scheduler.state_dict()}
+        run_.save_checkpoint(model, trained, optimizer, batches, epoch, progress, extra, name)
 
     start_epoch, resume_from = 0, None
     if args.resume:
@@ -245,10 +268,17 @@ def run(args) -> int:
             raise PyrovaeError(f"{out} has trained {state['epoch']} epochs already: give --epochs above {state['epoch']}")
         load_state(model, trained, state)
         optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr
         batches.load_state_dict(state["batches"])
         set_random_states(state)
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        if state.get("monitor"):
+            monitor = Monitor(**state["monitor"])
+        if args.lr is not None:  # a new rate asked for: from now on, and as the schedule's base
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
         start_epoch = state["epoch"]
         if state.get("progress"):
             resume_from = Progress(**state["progress"])
@@ -263,11 +293,13 @@ def run(args) -> int:
         with fast_context():
             test_elbo = mean_elbo(elbo_loss(model.model, model.guide), test_x)
         run_.append_metrics({"epoch": 0, "train_elbo": None, "test_elbo": test_elbo, "seconds": 0.0})
-        run_.save_checkpoint(model, trained, optimizer, batches, 0)
+        save(0)
 
     def on_epoch_end(metrics: dict) -> None:
         run_.append_metrics(metrics)
-        run_.save_checkpoint(model, trained, optimizer, batches, metrics["epoch"])
+        save(metrics["epoch"])
+        if metrics.get("best"):
+            save(metrics["epoch"], name=BEST)
         run_.commit()
         schedule.saved()
         stop.check(run_, metrics["epoch"], None)
@@ -275,7 +307,7 @@ def run(args) -> int:
     def on_step_end(progress: Progress) -> None:
         mid_epoch = progress.step < len(batches)
         if mid_epoch and (stop.signal is not None or schedule.due(progress.step)):
-            run_.save_checkpoint(model, trained, optimizer, batches, progress.epoch - 1, progress.to_dict())
+            save(progress.epoch - 1, progress.to_dict())
             schedule.saved()
             stop.check(run_, progress.epoch - 1, progress.step)
 
@@ -283,7 +315,7 @@ def run(args) -> int:
     try:
         with stop.installed():
             fit(model, batches, config, test_x, optimizer, start_epoch, on_epoch_end, progress=not args.no_progress,
-                on_step_end=on_step_end, resume_from=resume_from)
+                on_step_end=on_step_end, resume_from=resume_from, valid_x=valid_x, scheduler=scheduler, monitor=monitor)
     except TrainingDiverged as e:
         run_.discard()
         if run_.replaces is not None:

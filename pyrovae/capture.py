@@ -1,0 +1,311 @@
+"""A training step traced once per batch shape and replayed: Pyro's ``Trace_ELBO`` without Pyro's Python on every step.
+
+For a fixed batch shape, nothing that Pyro's Python decides changes from step to step: the same
+sites, plates, distributions and shapes. :class:`CapturedStep` runs the step once under
+``make_fx`` (``torch.fx.experimental.proxy_tensor``, real tensors): the guide traced and the model
+replayed on it by ``Trace_ELBO``'s own trace code, the loss assembled from those traces, its
+gradient taken with ``torch.autograd.grad``. That records every tensor operation of the forward and
+backward pass in one graph, which later batches of the same shape replay.
+
+The loss is ``Trace_ELBO``'s surrogate for reparameterized guides, −(1/K) Σ_k [Σ_model log p − Σ_guide log q],
+with each site's ``log_prob_sum`` (scaled as Pyro scales it: plates, subsampling) and β on the latent
+sites as :class:`pyrovae.objectives.scale_latents` puts it. Its value and gradients are those of
+``Trace_ELBO(num_particles=K, vectorize_particles=K > 1, max_plate_nesting=1).differentiable_loss``.
+
+The graph's inputs are the batch (and any further tensor arguments of the model and guide), β as a
+0-d tensor, and the live parameter tensors themselves, the unconstrained leaves of
+:func:`pyrovae.params.trainable`. Nothing is swapped for copies: ``make_fx`` tracks its input
+tensors by identity, so every read of a leaf — through an ``nn.Module``, a ``PyroModule``'s
+``PyroParam``, a ``pyro.module`` registration or a bare ``pyro.param`` in the param store — becomes
+a read of that input, and each replay sees the values the optimizer wrote in place.
+
+Noise: the guide's draws ε are random operations inside the graph (``aten.normal_`` on a fresh
+tensor), not constants, so each replay draws fresh noise from torch's generator — on the CPU the
+same stream in the same order as the eager step, so a fixed seed reproduces eager training to
+round-off. The random state is saved before tracing and restored after it: tracing draws nothing.
+
+A graph bakes in everything that is not an input: Python numbers, the branches the Python took,
+tensors that are neither arguments nor parameters (buffers and constants are referenced, so
+in-place changes to them are seen; a tensor attribute replaced by a new one is not). Hence one
+capture per input signature (shapes, dtypes, devices, non-tensor arguments by value): the smaller
+last batch of an epoch gets its own. A model whose Python branches on tensor values cannot be traced
+(``make_fx`` refuses to read a value from a traced tensor); nor can a guide site without
+reparameterized sampling. The step then runs eagerly (Pyro's ``Trace_ELBO`` as
+:func:`pyrovae.train.train_step` runs it), after one logged warning. A model whose Python changes
+between calls for other reasons (a counter, a random branch in Python) must not be captured.
+
+Modes (``mode=``):
+
+``"graph"``
+    The graph replayed op by op as a ``torch.fx.GraphModule`` (no autograd on replay: the backward
+    is in the graph). The default on the CPU, the fastest there (``benchmarks/train_step.py``).
+``"inductor"``
+    The same graph through ``torch.compile`` (inductor; its own random stream, not the eager one).
+    Slower than ``"graph"`` on the CPU for these networks; compiling takes tens of seconds per shape.
+``"cuda-graph"``
+    The graph captured in a CUDA graph (``torch.cuda.CUDAGraph``) with static input buffers; each
+    step copies the batch in and replays one graph. The default on CUDA. Its outputs are static
+    buffers, overwritten by the next call. The optimizer step is not captured: it needs the
+    non-finite check first, and torch's fused Adam is one kernel launch, so ``capturable=True`` is
+    not needed (it is allowed). Not tested on this project's CPU-only machines.
+``"eager"``
+    No capture: Pyro's ``Trace_ELBO.differentiable_loss`` and autograd on every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import is_identically_zero
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .context import fast_context
+from .errors import PyrovaeError
+from .objectives import loss as objective_loss
+from .train import TrainingDiverged, train_step
+
+log = logging.getLogger(__name__)
+
+MODES = ("graph", "inductor", "cuda-graph", "eager")
+
+
+def default_mode(device: torch.device | str) -> str:
+    """The fastest mode measured on ``device``: ``"cuda-graph"`` on CUDA, ``"graph"`` elsewhere."""
+    return "cuda-graph" if torch.device(device).type == "cuda" else "graph"
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # −ELBO summed over the batch (0-d; β-weighted when β ≠ 1)
+    grads: list[torch.Tensor | None]  # one per parameter, in the order given; None where the loss does not use it
+    norm: torch.Tensor  # the gradients' total 2-norm, as torch.nn.utils.get_total_norm gives it
+
+
+class NotCapturable(Exception):
+    """The step cannot be traced into one graph; it runs eagerly instead."""
+
+
+class CapturedStep:
+    """The gradient step of Pyro's ``Trace_ELBO`` on (model, guide), traced once per input signature
+    and replayed; see the module docstring.
+
+    ``params`` is name → unconstrained leaf tensor, as :func:`pyrovae.params.trainable` returns it
+    (the parameters ``SVI`` would train; the optimizer holds the same tensors). ``beta`` scales the
+    latent sites' log-densities and may be changed between calls (KL warm-up) without a new capture.
+
+    ``step(optimizer, x)`` is :func:`pyrovae.train.train_step` with the captured graph: the same
+    loss, gradients, non-finite check and clipping. Calling it, ``captured(x)``, returns
+    ``(loss, grads, norm)`` without touching ``.grad`` or the optimizer.
+    """
+
+    def __init__(self, model: Callable, guide: Callable, params: dict[str, torch.Tensor], num_particles: int = 1,
+                 beta: float = 1.0, mode: str | None = None):
+        if num_particles < 1:
+            raise PyrovaeError(f"the number of particles must be at least 1, got {num_particles}")
+        self.model, self.guide = model, guide
+        self.params = dict(params)
+        self._leaves = list(self.params.values())
+        device = self._leaves[0].device if self._leaves else torch.device("cpu")
+        self.mode = mode or default_mode(device)
+        if self.mode not in MODES:
+            raise PyrovaeError(f"unknown capture mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.mode == "cuda-graph" and not torch.cuda.is_available():
+            raise PyrovaeError("capture mode 'cuda-graph' needs CUDA, which is not available here: use mode='graph'")
+        self.num_particles = num_particles
+        self.beta = beta
+        self._elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+        self._eager_loss = objective_loss("elbo", model, guide, num_particles, beta)
+        self.captures: dict[tuple, Callable] = {}  # input signature → the replayed step
+        self.graphs: dict[tuple, torch.fx.GraphModule] = {}  # input signature → the traced graph
+        self.failure: str | None = None  # why capture failed (the step then runs eagerly)
+        self._beta_tensor: tuple[float, torch.Tensor | None] = (beta, None)
+
+    @property
+    def eager(self) -> bool:
+        return self.mode == "eager" or self.failure is not None
+
+    # the loss, from Pyro's traces
+
+    def surrogate(self, args: tuple, beta: torch.Tensor | float) -> torch.Tensor:
+        """``Trace_ELBO``'s differentiable loss at ``model(*args)``/``guide(*args)`` for a
+        reparameterized guide, without its host syncs (``.item()``); β on the latent sites."""
+        total = 0.0
+        for model_trace, guide_trace in self._elbo._get_traces(self.model, self.guide, args, {}):
+            elbo = 0.0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample":
+                    elbo = elbo + (site["log_prob_sum"] if site["is_observed"] else beta * site["log_prob_sum"])
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "sample":
+                    _, score_function, entropy = site["score_parts"]
+                    if not is_identically_zero(score_function):
+                        raise NotCapturable(f"guide site {name!r} is not reparameterized (Trace_ELBO adds a score-function term)")
+                    if not is_identically_zero(entropy):
+                        elbo = elbo - (entropy.sum() if site["is_observed"] else beta * entropy.sum())
+            total = total - elbo / self._elbo.num_particles
+        return total
+
+    def _grad_step(self, x: torch.Tensor, args: tuple, beta: torch.Tensor | float, leaves) -> tuple:
+        """(loss and norm as one float64 pair, loss, norm, grads): the function the graph records."""
+        loss = self.surrogate((x, *args), beta)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        # the layout loss.backward() would give .grad: the parameter's own strides
+        grads = [g if g is None or g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, leaves)]
+        present = [g for g in grads if g is not None]
+        norm = torch.nn.utils.get_total_norm(present) if present else torch.zeros((), dtype=loss.dtype, device=loss.device)
+        check = torch.stack([loss.detach().to(torch.float64), norm.to(torch.float64)])
+        return check, loss.detach(), norm, grads
+
+    # signatures and captures
+
+    def _split(self, x, args) -> tuple[tuple, list[torch.Tensor], list]:
+        """(signature, tensor inputs, arguments with tensors replaced by their input positions)."""
+        key, tensors, template = [self.mode, torch.get_default_dtype()], [], []
+        for a in (x, *args):
+            if isinstance(a, torch.Tensor):
+                key.append((tuple(a.shape), a.dtype, a.device))
+                template.append(_Input(len(tensors)))
+                tensors.append(a)
+            else:
+                key.append(("value", a))  # raises TypeError if unhashable: caught by the caller
+                template.append(a)
+        key = tuple(key)
+        hash(key)  # a TypeError here: an argument that cannot key a capture
+        return key, tensors, template
+
+    def _beta(self, like: torch.Tensor) -> torch.Tensor:
+        """β as a 0-d tensor of the parameters' dtype and device, refilled only when it changes."""
+        beta = float(self.beta)
+        if not beta >= 0:
+            raise PyrovaeError(f"beta must be at least 0, got {beta}")
+        ref = self._leaves[0] if self._leaves else like
+        value, tensor = self._beta_tensor
+        if tensor is None or tensor.dtype != ref.dtype or tensor.device != ref.device:
+            tensor = torch.tensor(beta, dtype=ref.dtype, device=ref.device)
+        elif value != beta:
+            tensor.fill_(beta)
+        self._beta_tensor = beta, tensor
+        return tensor
+
+    def _capture(self, key: tuple, template: list, tensors: list[torch.Tensor], beta: torch.Tensor) -> Callable:
+        n = len(tensors)
+
+        def traced(*inputs):
+            data, beta, leaves = inputs[:n], inputs[n], inputs[n + 1:]
+            x, *args = [data[a.index] if isinstance(a, _Input) else a for a in template]
+            return self._grad_step(x, tuple(args), beta, leaves)
+
+        devices = {t.device for t in (*tensors, *self._leaves) if t.device.type == "cuda"}
+        cpu_state = torch.get_rng_state()
+        cuda_states = {d: torch.cuda.get_rng_state(d) for d in devices}
+        try:  # tracing (and the CUDA graph's warm-up) draw noise: give it back
+            with fast_context(), torch.enable_grad():
+                graph = make_fx(traced)(*tensors, beta, *self._leaves)
+            graph.graph.eliminate_dead_code()
+            graph.recompile()
+            if self.mode == "cuda-graph":
+                replay = _cuda_graph(graph, [*tensors, beta], self._leaves)
+            elif self.mode == "inductor":
+                compiled = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
+                replay = lambda *inputs: compiled(*inputs, *self._leaves)  # noqa: E731
+            else:
+                replay = lambda *inputs: graph(*inputs, *self._leaves)  # noqa: E731
+        finally:
+            torch.set_rng_state(cpu_state)
+            for d, state in cuda_states.items():
+                torch.cuda.set_rng_state(state, d)
+        self.graphs[key] = graph
+        return replay
+
+    def __call__(self, x: torch.Tensor, *args) -> StepResult:
+        """Loss, gradients and their norm at ``x``, from the capture for its signature (traced on
+        first sight of it), or eagerly where capture failed. ``.grad`` is left alone."""
+        return self._run(x, args)[1]
+
+    def _run(self, x: torch.Tensor, args: tuple) -> tuple[torch.Tensor | None, StepResult]:
+        """(loss and norm as one float64 pair from the graph, or None when eager; the result)."""
+        if not self.eager:
+            try:
+                key, tensors, template = self._split(x, args)
+            except TypeError as e:
+                self._give_up(f"an argument cannot key a capture ({e})")
+            else:
+                beta = self._beta(x)
+                replay = self.captures.get(key)
+                if replay is None:
+                    try:
+                        replay = self.captures[key] = self._capture(key, template, tensors, beta)
+                    except Exception as e:  # data-dependent control flow, a score-function site, ...
+                        message = str(e).strip()
+                        self._give_up(f"{type(e).__name__}: {message.splitlines()[0] if message else ''}")
+                if replay is not None:
+                    with torch.no_grad():
+                        check, loss, norm, grads = replay(*tensors, beta)
+                    return check, StepResult(loss, list(grads), norm)
+        self._eager_loss.beta = self.beta
+        loss = self._eager_loss(x, *args)
+        grads = list(torch.autograd.grad(loss, self._leaves, allow_unused=True))
+        present = [g for g in grads if g is not None]
+        norm = torch.nn.utils.get_total_norm(present) if present else torch.zeros(())
+        return None, StepResult(loss.detach(), grads, norm)
+
+    def _give_up(self, reason: str) -> None:
+        self.failure = reason
+        self.captures.clear()
+        self.graphs.clear()
+        log.warning("the training step could not be captured and runs eagerly instead: %s", reason)
+
+    def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None) -> float:
+        """One optimizer step on the loss at ``x``; returns the loss. :func:`pyrovae.train.train_step`
+        with the captured graph: raises :class:`~pyrovae.train.TrainingDiverged` before stepping if
+        the loss or the gradient norm is not finite (one host sync reads both), and clips the
+        gradient's total norm to ``clip_grad`` if given."""
+        if self.eager:
+            self._eager_loss.beta = self.beta
+            return train_step(self._eager_loss, optimizer, x, *args, clip_grad=clip_grad)
+        optimizer.zero_grad(set_to_none=True)
+        check, (loss, grads, norm) = self._run(x, args)
+        if check is None:  # capture failed just now
+            check = torch.stack([loss.to(torch.float64), norm.to(torch.float64)])
+        value, norm_value = check.tolist()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
+        for p, g in zip(self._leaves, grads):
+            p.grad = g
+        if not math.isfinite(norm_value):
+            raise TrainingDiverged(f"the gradient became {norm_value} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
+        if clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_([p for p in self._leaves if p.grad is not None], clip_grad, norm)
+        optimizer.step()
+        return value
+
+
+class _Input(NamedTuple):
+    index: int  # position among the tensor inputs
+
+
+def _cuda_graph(graph: torch.fx.GraphModule, inputs: list[torch.Tensor], leaves: list[torch.Tensor]) -> Callable:
+    """``graph`` captured in a CUDA graph over static copies of ``inputs`` and the live ``leaves``
+    (updated in place by the optimizer, so their addresses stay put). Returns a function that copies
+    new inputs into the static buffers, replays, and returns the static outputs."""
+    static = [t.detach().clone() for t in inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # warm-up: library handles and workspaces are made outside the capture
+            graph(*static, *leaves)
+    torch.cuda.current_stream().wait_stream(side)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(cuda_graph):
+        outputs = graph(*static, *leaves)
+
+    def replay(*new_inputs):
+        for buffer, value in zip(static, new_inputs):
+            buffer.copy_(value, non_blocking=True)
+        cuda_graph.replay()
+        return outputs
+
+    return replay
