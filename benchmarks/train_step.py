@@ -3,11 +3,15 @@
 (a) torch:      hand-written reparameterized ELBO with analytic KL, one torch.optim.Adam;
 (a') the same with torch's fused Adam, the optimizer pyrovae uses, to show the cost of Pyro itself;
 (b) naive pyro: SVI(model, guide, pyro.optim.Adam, Trace_ELBO()) as in Pyro's VAE example;
-(c) pyrovae:    the path ``pyrovae.train.fit`` takes (Pyro's Trace_ELBO loss, one fused torch Adam).
+(c) pyrovae:    the path ``pyrovae.train.fit`` takes (Pyro's Trace_ELBO loss, one fused torch Adam);
+(d) pyrovae captured: the same loss and optimizer, the step traced once per batch shape and
+    replayed (``pyrovae.capture.CapturedStep``, its default mode for the device: the traced graph
+    replayed op by op on the CPU, a CUDA graph on CUDA); ``--capture-modes`` times other modes too.
 
-All three train the same architecture on the same minibatches of binarized MNIST (or random
-binary data with --synthetic). The methods are interleaved in rounds; each time is the median
-over all steps after warm-up. Usage: python benchmarks/train_step.py [--tiny] [--out FILE]
+All train the same architecture on the same minibatches of binarized MNIST (or random binary data
+with --synthetic). The methods are interleaved in rounds; each time is the median over all steps
+after warm-up (the first step of (d) traces the graph: its time is reported apart, in seconds).
+Usage: python benchmarks/train_step.py [--tiny] [--device cpu|cuda] [--capture-modes graph,inductor] [--out FILE]
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from common import machine, write_json
+from pyrovae.capture import CapturedStep, default_mode
 from pyrovae.models import VAEConfig, build_vae
+from pyrovae.params import trainable
 from pyrovae.train import elbo_loss, fast_context, make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parent
@@ -56,14 +62,13 @@ def _plain(module):
     return type(module)()
 
 
-def make_methods(config: VAEConfig, lr: float):
+def make_methods(config: VAEConfig, lr: float, device: str, sample: torch.Tensor, capture_modes: list[str]):
     torch.manual_seed(0)
-    ours = build_vae(config)
-    naive = build_vae(config)
+    ours = build_vae(config).to(device)
+    naive = build_vae(config).to(device)
     naive.load_state_dict(ours.state_dict())
-    hand = TorchVAE(ours)
-
-    hand_fused = TorchVAE(ours)
+    hand = TorchVAE(ours).to(device)
+    hand_fused = TorchVAE(ours).to(device)
 
     def torch_step(module, optimizer):
         def step(x):
@@ -83,12 +88,30 @@ def make_methods(config: VAEConfig, lr: float):
         with fast_context():
             return train_step(loss_ours, opt_ours, x)
 
-    return {
+    def step_captured(mode):
+        model = build_vae(config).to(device)
+        model.load_state_dict(ours.state_dict())
+        params = trainable(model.model, model.guide, sample)  # what fit trains: the same set as SVI
+        optimizer = make_optimizer(params.values(), lr)
+        captured = CapturedStep(model.model, model.guide, params, mode=mode)
+
+        def step(x):
+            with fast_context():
+                return captured.step(optimizer, x)
+
+        return step
+
+    methods = {
         "torch": torch_step(hand, torch.optim.Adam(hand.parameters(), lr=lr)),
         "torch_fused_adam": torch_step(hand_fused, torch.optim.Adam(hand_fused.parameters(), lr=lr, fused=True)),
         "naive_pyro": svi.step,
         "pyrovae": step_pyrovae,
+        "pyrovae_captured": step_captured(default_mode(device)),
     }
+    for mode in capture_modes:
+        if mode != default_mode(device):
+            methods[f"pyrovae_captured_{mode}"] = step_captured(mode)
+    return methods
 
 
 def batches(args, batch_size: int):
@@ -102,22 +125,28 @@ def batches(args, batch_size: int):
     g = torch.Generator().manual_seed(1)
     while True:
         idx = torch.randint(len(data), (batch_size,), generator=g)
-        yield torch.bernoulli(data[idx], generator=g)
+        yield torch.bernoulli(data[idx], generator=g).to(args.device)
 
 
 def bench(args, hidden, batch_size) -> dict:
     config = VAEConfig(784, latent_dim=50, hidden=hidden, activation="relu" if len(hidden) == 1 else "tanh")
-    methods = make_methods(config, 1e-3)
     data = batches(args, batch_size)
+    methods = make_methods(config, 1e-3, args.device, next(data)[:8], args.capture_modes)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     times = {name: [] for name in methods}
+    first = {}
     for round_ in range(args.rounds):
         for name, step in methods.items():
             for i in range(args.warmup + args.steps):
                 x = next(data)
+                sync()
                 start = time.perf_counter()
                 step(x)
+                sync()
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
+                elif round_ == 0 and i == 0:
+                    first[name] = time.perf_counter() - start
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     return {
         "net": f"784-{'-'.join(map(str, hidden))}-50",
@@ -125,6 +154,7 @@ def bench(args, hidden, batch_size) -> dict:
         "ms_per_step": ms,
         "ratio_to_torch": {name: ms[name] / ms["torch"] for name in ms},
         "steps_per_method": len(times["torch"]),
+        "first_step_s": first,  # includes tracing (and compiling) for the captured steps
     }
 
 
@@ -137,23 +167,30 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=100, help="timed steps per method per round")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="a few steps on synthetic data, to check that the script runs")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--capture-modes", default="", type=lambda s: [m for m in s.split(",") if m],
+                   help="captured modes to time besides the device's default, comma-separated: graph, inductor, cuda-graph, eager")
     p.add_argument("--out", default=str(ROOT / "results" / "train_step.json"))
     args = p.parse_args(argv)
     if args.tiny:
         args.synthetic, args.rounds, args.steps, args.warmup = True, 1, 3, 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
     torch.set_num_threads(args.threads)
     settings = [((400,), 128), ((400,), 256), ((200, 200), 128), ((200, 200), 256)]
     rows = []
     for hidden, b in settings[:1] if args.tiny else settings:
         rows.append(bench(args, hidden, b))
         print(f"measured {rows[-1]['net']} batch {b}: {rows[-1]['ms_per_step']}", flush=True)
-    print("ms per step (ratio to hand-written torch with default Adam); last column: pyrovae / torch with fused Adam")
-    print(f"{'net':<16} {'batch':>5} {'torch':>7} {'torch fused':>17} {'naive pyro':>17} {'pyrovae':>17} {'vs fused':>9}")
+    names = [n for n in rows[0]["ms_per_step"] if n not in ("torch", "torch_fused_adam")]
+    print(f"ms per step on {args.device} (ratio to hand-written torch with default Adam); last columns: each Pyro method / torch with fused Adam")
+    print(f"{'net':<16} {'batch':>5} {'torch':>7} {'torch fused':>17} " + " ".join(f"{n:>17}" for n in names) + " " + " ".join(f"{'vs fused':>9}" for n in names))
     for r in rows:
         ms, ratio = r["ms_per_step"], r["ratio_to_torch"]
-        cells = " ".join(f"{ms[m]:>8.2f} ({ratio[m]:.2f}×)" for m in ("torch_fused_adam", "naive_pyro", "pyrovae"))
-        print(f"{r['net']:<16} {r['batch_size']:>5} {ms['torch']:>7.2f} {cells} {ms['pyrovae'] / ms['torch_fused_adam']:>8.2f}×")
-    write_json({"benchmark": "train_step", "machine": machine(), "settings": vars(args), "results": rows}, args.out)
+        cells = " ".join(f"{ms[m]:>8.2f} ({ratio[m]:.2f}×)" for m in ("torch_fused_adam", *names))
+        versus = " ".join(f"{ms[m] / ms['torch_fused_adam']:>8.2f}×" for m in names)
+        print(f"{r['net']:<16} {r['batch_size']:>5} {ms['torch']:>7.2f} {cells} {versus}")
+    write_json({"benchmark": "train_step", "device": args.device, "machine": machine(), "settings": vars(args), "results": rows}, args.out)
 
 
 if __name__ == "__main__":
