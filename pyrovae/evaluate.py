@@ -107,6 +107,17 @@ class Evaluation:
         return "\n".join(lines)
 
 
+COMPILE_MIN_DRAWS = 10_000_000  # N × K from which compiling pays on CPU (≈ 2000 points at K = 5000)
+
+
+def compile_pays(num_points: int, num_samples: int, device) -> bool:
+    """Whether ``torch.compile`` is worth its start-up cost: on CPU for N × K of at least
+    ``COMPILE_MIN_DRAWS`` (measured on two cores: the 359 held-out digits at K = 5000 ran in 18 s
+    eager and 44 s compiled, the 10 000 MNIST test points about 2.5× faster compiled); never on CUDA,
+    where the compiled path measured 5.8× slower than eager."""
+    return torch.device(device).type == "cpu" and num_points * num_samples >= COMPILE_MIN_DRAWS
+
+
 def _nanmean(t: torch.Tensor) -> float:
     return t[~t.isnan()].mean().item() if (~t.isnan()).any() else math.nan
 
@@ -120,7 +131,7 @@ def evaluate(
     particles_elbo: int = 100,
     batch_size: int | None = None,
     chunk_size: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     keep_log_weights: bool = False,
     progress: bool = False,
 ) -> Evaluation:
@@ -133,8 +144,9 @@ def evaluate(
 
     ``batch_size`` defaults to max(1, 5000 // K) points, so that a pass holds about 5000 draws
     (for K = 5000, one point with all its draws was faster than batches of points in chunks).
-    ``compile`` computes every site's log-density with ``torch.compile`` (the first call
-    compiles for some seconds; worth it for K in the thousands).
+    ``compile`` computes every site's log-density with ``torch.compile``; ``"auto"`` does so only
+    where it pays for itself (:func:`compile_pays`): compiling costs about half a minute on two CPU
+    cores and then runs the log-densities about 2.5× as fast, and on a GPU it was slower.
 
     The contract, and the data against the observed site's support, are checked first on a few
     points: grey levels under a Bernoulli likelihood are refused, not scored.
@@ -149,6 +161,8 @@ def evaluate(
     if len(x) == 0:
         raise PyrovaeError("no data points to evaluate")
     contract.check(model, guide, x[:8], "the data to evaluate")
+    if compile == "auto":
+        compile = compile_pays(len(x), num_samples, x.device)
     ks = sorted({k for k in iwae_ks if k <= num_samples} | {num_samples})
     N = len(x)
     # Results are written into tensors of length N allocated once: keeping thousands of small

@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
                    help="each run's last checkpoint, or best.pt: its epoch with the best validation ELBO (default: last)")
     p.add_argument("--seed", type=int, default=0, help="random seed of each evaluation (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the sites' log-densities with torch.compile (default: on; eager if unavailable)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
+                   help="compile the sites' log-densities with torch.compile (default: where it pays, on CPU for N × K ≥ 10⁷; eager if unavailable)")
     p.add_argument("--json", type=Path, help="write the comparison and the per-point differences here")
     p.add_argument("--plot", type=Path, help="PNG of the per-point differences (default: RUN_A/compare.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

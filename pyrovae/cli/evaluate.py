@@ -13,7 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from pyrovae import ais as ais_
+import torch
+
+from pyrovae import ais as ais_, latents
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import DEFAULT_IWAE_KS, evaluate, to_inference_data
 
@@ -31,8 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N points of the split")
     p.add_argument("--batch-size", type=int, help="points per pass (default: max(1, 5000 // k))")
     p.add_argument("--chunk-size", type=int, help="particles per pass (default: all at once)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the sites' log-densities with torch.compile (eager if unavailable)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
+                   help="compile the sites' log-densities with torch.compile (default: where it pays, on CPU for N × K ≥ 10⁷; eager if unavailable)")
     p.add_argument("--json", type=Path, help="write the summary and per-point values here")
     p.add_argument("--netcdf", type=Path, help="write per-point log-weights and diagnostics as arviz InferenceData; "
                    "it holds K × N float64 log-weights in memory (≈ 400 MB for 10 000 points at K = 5000)")
@@ -68,6 +70,9 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     print(f"{run_.path}: {args.split} split, {len(x)} points, {seconds:.1f} s ({len(x) / seconds:.1f} points/s)")
     print(result.table())
+    means = torch.cat([m.reshape(len(x), -1) for m in latents.latent_means(module.guide, x).values()], 1)
+    activity, active = latents.active_units(means)
+    print(f"active units: {int(active.sum())} of {active.numel()} latent dimensions (Cov_x E_q[z_u | x] > {latents.ACTIVITY_THRESHOLD})")
     ais_result = bdmc_result = None
     if args.ais:
         start = time.perf_counter()
@@ -82,7 +87,8 @@ def run(args) -> int:
         print(f"\nBDMC, {bdmc_seconds:.1f} s")
         print(bdmc_result.table())
     if args.json:
-        summary = {"run": str(run_.path), "split": args.split, "seconds": seconds, **result.summary()}
+        summary = {"run": str(run_.path), "split": args.split, "seconds": seconds, **result.summary(),
+                   "active_units": int(active.sum()), "activity": activity.tolist()}
         per_point = result.per_point()
         if ais_result is not None:
             summary["ais"] = {"seconds": ais_seconds, **ais_result.summary()}
