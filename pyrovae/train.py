@@ -64,6 +64,8 @@ class Progress:
     count: int = 0  # data points seen in the epoch
     seconds: float = 0.0
     skipped: int = 0  # non-finite steps skipped in the whole run
+    grad_norm_sum: float = 0.0  # gradient norms summed over the epoch's finite steps
+    grad_steps: int = 0  # the epoch's finite steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,12 +123,13 @@ def make_optimizer(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
-def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None) -> float:
+def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None,
+               norms: list | None = None) -> float:
     """One optimizer step on the loss at x; returns the loss.
 
     Raises :class:`TrainingDiverged` before stepping if the loss or a gradient is nan or infinite,
     so the parameters are never corrupted. With ``clip_grad``, the gradient's total norm is clipped
-    to it before the step.
+    to it before the step; ``norms``, if given, gets the gradient's norm (before clipping) appended.
     """
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(x, *args)
@@ -139,6 +142,8 @@ def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Ten
     norm = torch.nn.utils.get_total_norm(grads).item()
     if not math.isfinite(norm):
         raise TrainingDiverged(f"the gradient became {norm} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
+    if norms is not None:
+        norms.append(norm)
     if clip_grad is not None:
         torch.nn.utils.clip_grads_with_norm_(params, clip_grad, torch.tensor(norm))
     optimizer.step()
@@ -203,6 +208,7 @@ def fit(
     test_loss = elbo_loss(module.model, module.guide, config.num_particles)
     history = []
     state = resume_from or Progress(epoch=start_epoch + 1)
+    norms: list[float] = []
     steps = (config.epochs - start_epoch) * len(batches) - state.step
     with fast_context(), tqdm(total=max(steps, 0), disable=not progress, unit="step", dynamic_ncols=True) as bar:
         for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -212,8 +218,10 @@ def fit(
             for step, (_, x) in enumerate(batches, start=state.step):
                 loss_fn.beta = config.beta * warmup_scale(epoch, step, len(batches), config.warmup_epochs)
                 try:
-                    state.total -= train_step(loss_fn, optimizer, x, clip_grad=config.clip_grad)
+                    state.total -= train_step(loss_fn, optimizer, x, clip_grad=config.clip_grad, norms=norms)
                     state.count += len(x)
+                    state.grad_norm_sum += norms.pop()
+                    state.grad_steps += 1
                 except TrainingDiverged as e:
                     if state.skipped >= config.skip_nonfinite:
                         raise TrainingDiverged(f"epoch {epoch}, step {step}: {e}") from None
@@ -241,6 +249,8 @@ def fit(
             elif scheduler is not None:
                 scheduler.step()
             metrics["lr"] = optimizer.param_groups[0]["lr"]
+            if state.grad_steps:
+                metrics["grad_norm"] = state.grad_norm_sum / state.grad_steps  # mean over the epoch's steps
             stop = (config.early_stopping is not None and monitor is not None
                     and monitor.epochs_without_progress >= config.early_stopping)
             if stop:

@@ -266,3 +266,18 @@ def test_the_cosine_schedule_is_resumed_where_it_stopped(tmp_path, monkeypatch):
     expected = [0.01 * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(1, 5)]  # the rate for the next epoch
     np.testing.assert_allclose(lrs["A"], expected, atol=1e-12)
     assert lrs["A"] == lrs["B"]
+
+
+def test_tensorboard_curves_are_written_and_read_back(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "2", "--tensorboard", "--out", "run", *SMALL]) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"elbo/train", "elbo/valid", "elbo/test", "train/lr", "train/grad_norm", "terms/reconstruction", "terms/kl_z"} <= scalars
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    logged = [e.value for e in events.Scalars("elbo/valid")]
+    np.testing.assert_allclose(logged, [m["valid_elbo"] for m in history], rtol=1e-6)
+    assert [e.step for e in events.Scalars("train/grad_norm")] == [1, 2]
+    assert {"samples", "reconstructions"} <= set(events.Tags()["images"])

@@ -28,6 +28,7 @@ from pyrovae.data import BINARIZATIONS, DATASETS, Batches, check_binarizable, lo
 from pyrovae.errors import Interrupted, PyrovaeError
 from pyrovae.generate import sample_prior
 from pyrovae.plots import save_grid, save_loss_curve
+from pyrovae.tensorboard import Curves
 from pyrovae.run import BEST, CHECKPOINT, MODEL_FILE, Run, heldout_sha256, load_state, resolve_device, set_random_states
 from pyrovae.objectives import OBJECTIVES
 from pyrovae.train import LR_SCHEDULES, Monitor, Progress, TrainConfig, TrainingDiverged, make_scheduler, elbo_loss, fast_context, fit, make_optimizer, mean_elbo
@@ -134,6 +135,8 @@ def add_parser(sub) -> None:
     g.add_argument("--checkpoint-every", type=every, metavar="N|Mmin",
                    help="also checkpoint every N steps, or every M minutes (e.g. 500 or 10min), besides every epoch")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder (once the new run has trained an epoch)")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard curves to RUN/tensorboard "
+                   "(needs pip install 'pyrovae[tensorboard]')")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -295,7 +298,11 @@ def run(args) -> int:
         run_.append_metrics({"epoch": 0, "train_elbo": None, "test_elbo": test_elbo, "seconds": 0.0})
         save(0)
 
+    curves = Curves(run_.path / "tensorboard", data.image_shape) if args.tensorboard else None
+
     def on_epoch_end(metrics: dict) -> None:
+        if curves is not None:
+            curves.epoch(metrics, model, test_x if valid_x is None else valid_x)
         run_.append_metrics(metrics)
         save(metrics["epoch"])
         if metrics.get("best"):
@@ -327,6 +334,9 @@ def run(args) -> int:
     except BaseException:
         run_.discard()
         raise
+    finally:
+        if curves is not None:
+            curves.close()
 
     if hasattr(model, "eval"):
         model.eval()
