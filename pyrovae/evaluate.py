@@ -25,7 +25,14 @@ from .evidence import log_weights
 from .context import fast_context
 
 DEFAULT_IWAE_KS = (1, 5, 50, 5000)
-PASS_SIZE = 5000  # draws per pass when the batch size is not given
+PASS_SIZE = {"cpu": 5000, "cuda": 500_000}  # draws per pass when the batch size is not given, by device
+
+
+def default_batch_size(num_samples: int, device) -> int:
+    """Points per pass: about ``PASS_SIZE`` draws. On CPU one point with all its K = 5000 draws
+    measured fastest; on a GPU (H200) 100 points per pass ran 8× faster than one, being
+    launch-bound (2 204 against 163 points/s)."""
+    return max(1, PASS_SIZE.get(torch.device(device).type, PASS_SIZE["cpu"]) // num_samples)
 
 
 @dataclass
@@ -142,8 +149,9 @@ def evaluate(
     2. K = ``num_samples`` draws per point, ``chunk_size`` at a time: log p(x), the IWAE bounds
        L_k for k in ``iwae_ks`` (and K), the gap log p(x) − ELBO, ESS and PSIS k̂.
 
-    ``batch_size`` defaults to max(1, 5000 // K) points, so that a pass holds about 5000 draws
-    (for K = 5000, one point with all its draws was faster than batches of points in chunks).
+    ``batch_size`` defaults to :func:`default_batch_size`: a pass of about 5000 draws on CPU (for
+    K = 5000, one point with all its draws was faster than batches of points in chunks) and 500 000
+    on a GPU; ESS and PSIS k̂ are computed for the whole pass at once.
     ``compile`` computes every site's log-density with ``torch.compile``; ``"auto"`` does so only
     where it pays for itself (:func:`compile_pays`): compiling costs about half a minute on two CPU
     cores and then runs the log-densities about 2.5× as fast, and on a GPU it was slower.
@@ -155,7 +163,7 @@ def evaluate(
         raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {num_samples}")
     if particles_elbo < 1:
         raise PyrovaeError(f"--particles-elbo must be at least 1, got {particles_elbo}")
-    batch_size = max(1, PASS_SIZE // num_samples) if batch_size is None else batch_size
+    batch_size = default_batch_size(num_samples, x.device) if batch_size is None else batch_size
     if batch_size < 1:
         raise PyrovaeError(f"the batch size must be at least 1, got {batch_size}")
     if len(x) == 0:
