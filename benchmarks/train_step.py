@@ -9,8 +9,10 @@
     replayed op by op on the CPU, a CUDA graph on CUDA); ``--capture-modes`` times other modes too.
 
 All train the same architecture on the same minibatches of binarized MNIST (or random binary data
-with --synthetic). The methods are interleaved in rounds; each time is the median over all steps
-after warm-up (the first step of (d) traces the graph: its time is reported apart, in seconds).
+with --synthetic). After a warm-up, the methods take turns in rounds, each a block of --steps steps,
+in an order that rotates, so that the load of a shared machine falls on all alike; each time is the
+median over all timed steps, and "vs fused" the median over rounds of each round's ratio to (a').
+The first step of (d) traces the graph (and compiles it, for inductor): it is reported apart.
 Usage: python benchmarks/train_step.py [--tiny] [--device cpu|cuda] [--capture-modes graph,inductor] [--out FILE]
 """
 
@@ -132,27 +134,38 @@ def bench(args, hidden, batch_size) -> dict:
     config = VAEConfig(784, latent_dim=50, hidden=hidden, activation="relu" if len(hidden) == 1 else "tanh")
     data = batches(args, batch_size)
     methods = make_methods(config, 1e-3, args.device, next(data)[:8], args.capture_modes)
+    names = list(methods)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    times = {name: [] for name in methods}
-    first = {}
-    for round_ in range(args.rounds):
-        for name, step in methods.items():
-            for i in range(args.warmup + args.steps):
-                x = next(data)
-                sync()
-                start = time.perf_counter()
-                step(x)
-                sync()
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-                elif round_ == 0 and i == 0:
-                    first[name] = time.perf_counter() - start
-    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+    def timed(step) -> float:
+        x = next(data)
+        sync()
+        start = time.perf_counter()
+        step(x)
+        sync()
+        return time.perf_counter() - start
+
+    first = {name: timed(step) for name, step in methods.items()}  # the captured steps trace here
+    for name, step in methods.items():
+        for _ in range(args.warmup - 1):
+            timed(step)
+    times = {name: [] for name in names}
+    per_round = []
+    for round_ in range(args.rounds):  # each method a block of steps, in an order that rotates
+        medians = {}
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            block = [timed(methods[name]) for _ in range(args.steps)]
+            times[name] += block
+            medians[name] = statistics.median(block)
+        per_round.append(medians)
+    ms = {name: 1000 * statistics.median(times[name]) for name in names}
     return {
         "net": f"784-{'-'.join(map(str, hidden))}-50",
         "batch_size": batch_size,
         "ms_per_step": ms,
         "ratio_to_torch": {name: ms[name] / ms["torch"] for name in ms},
+        # the steadier comparison on a busy machine: per round, block median / (a')'s block median; median over rounds
+        "round_ratio_to_fused": {name: statistics.median(r[name] / r["torch_fused_adam"] for r in per_round) for name in names},
         "steps_per_method": len(times["torch"]),
         "first_step_s": first,  # includes tracing (and compiling) for the captured steps
     }
@@ -163,8 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=str(ROOT.parent.parent / "shared" / "data"), help="folder with the MNIST IDX files")
     p.add_argument("--synthetic", action="store_true", help="random data instead of MNIST")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=100, help="timed steps per method per round")
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method per round")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="a few steps on synthetic data, to check that the script runs")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -183,12 +196,13 @@ def main(argv=None) -> None:
         rows.append(bench(args, hidden, b))
         print(f"measured {rows[-1]['net']} batch {b}: {rows[-1]['ms_per_step']}", flush=True)
     names = [n for n in rows[0]["ms_per_step"] if n not in ("torch", "torch_fused_adam")]
-    print(f"ms per step on {args.device} (ratio to hand-written torch with default Adam); last columns: each Pyro method / torch with fused Adam")
+    print(f"ms per step on {args.device} (ratio to hand-written torch with default Adam); last columns: each Pyro method / torch "
+          "with fused Adam, median over rounds of the per-round ratio")
     print(f"{'net':<16} {'batch':>5} {'torch':>7} {'torch fused':>17} " + " ".join(f"{n:>17}" for n in names) + " " + " ".join(f"{'vs fused':>9}" for n in names))
     for r in rows:
         ms, ratio = r["ms_per_step"], r["ratio_to_torch"]
         cells = " ".join(f"{ms[m]:>8.2f} ({ratio[m]:.2f}×)" for m in ("torch_fused_adam", *names))
-        versus = " ".join(f"{ms[m] / ms['torch_fused_adam']:>8.2f}×" for m in names)
+        versus = " ".join(f"{r['round_ratio_to_fused'][m]:>8.2f}×" for m in names)
         print(f"{r['net']:<16} {r['batch_size']:>5} {ms['torch']:>7.2f} {cells} {versus}")
     write_json({"benchmark": "train_step", "device": args.device, "machine": machine(), "settings": vars(args), "results": rows}, args.out)
 

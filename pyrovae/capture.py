@@ -209,8 +209,7 @@ class CapturedStep:
             if self.mode == "cuda-graph":
                 replay = _cuda_graph(graph, [*tensors, beta], self._leaves)
             elif self.mode == "inductor":
-                compiled = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
-                replay = lambda *inputs: compiled(*inputs, *self._leaves)  # noqa: E731
+                replay = self._compile(graph, tensors, beta)
             else:
                 replay = lambda *inputs: graph(*inputs, *self._leaves)  # noqa: E731
         finally:
@@ -219,6 +218,20 @@ class CapturedStep:
                 torch.cuda.set_rng_state(state, d)
         self.graphs[key] = graph
         return replay
+
+    def _compile(self, graph: torch.fx.GraphModule, tensors: list[torch.Tensor], beta: torch.Tensor) -> Callable:
+        """The graph through ``torch.compile`` (inductor), compiled now; the plain graph where
+        compiling fails (no C++ compiler, an unsupported operation), after a warning."""
+        compiled = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
+        try:
+            with torch.no_grad():
+                compiled(*tensors, beta, *self._leaves)
+        except Exception as e:
+            message = str(e).strip()
+            log.warning("torch.compile failed on the captured step, which is replayed uncompiled instead: %s: %s",
+                        type(e).__name__, message.splitlines()[0] if message else "")
+            compiled = graph
+        return lambda *inputs: compiled(*inputs, *self._leaves)
 
     def __call__(self, x: torch.Tensor, *args) -> StepResult:
         """Loss, gradients and their norm at ``x``, from the capture for its signature (traced on

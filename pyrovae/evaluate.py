@@ -10,11 +10,13 @@ the K × batch log-weights that PSIS needs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -125,6 +127,28 @@ def compile_pays(num_points: int, num_samples: int, device) -> bool:
     return torch.device(device).type == "cpu" and num_points * num_samples >= COMPILE_MIN_DRAWS
 
 
+def batch_seed(seed: int, row: int) -> int:
+    """The seed of the draws for the batch that starts at ``row``."""
+    return int(np.random.SeedSequence([seed, row]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def cat(parts: list[Evaluation]) -> Evaluation:
+    """Evaluations of consecutive blocks of points joined into one (log-weights along the points)."""
+    def join(values):
+        first = values[0]
+        if first is None:
+            return None
+        if isinstance(first, torch.Tensor):
+            return torch.cat(values, 1 if first.dim() == 2 else 0)
+        if isinstance(first, dict):
+            return {k: join([v[k] for v in values]) for k in first}
+        if dataclasses.is_dataclass(first):
+            return type(first)(**{f.name: join([getattr(v, f.name) for v in values]) for f in dataclasses.fields(first)})
+        return first
+
+    return join(parts)
+
+
 def _nanmean(t: torch.Tensor) -> float:
     return t[~t.isnan()].mean().item() if (~t.isnan()).any() else math.nan
 
@@ -141,6 +165,8 @@ def evaluate(
     compile: bool | str = False,
     keep_log_weights: bool = False,
     progress: bool = False,
+    seed: int | None = None,
+    first_row: int = 0,
 ) -> Evaluation:
     """Evaluate on x (N, P), ``batch_size`` points at a time, in two independent passes per batch:
 
@@ -158,6 +184,10 @@ def evaluate(
 
     The contract, and the data against the observed site's support, are checked first on a few
     points: grey levels under a Bernoulli likelihood are refused, not scored.
+
+    With ``seed``, the draws for the batch starting at row r come from a stream seeded by
+    (seed, ``first_row`` + r): the per-point results then do not depend on how the rows are shared
+    among processes, as long as each process's ``first_row`` is a multiple of ``batch_size``.
     """
     if num_samples < 1:
         raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {num_samples}")
@@ -192,6 +222,8 @@ def evaluate(
         for start in range(0, N, batch_size):
             rows = slice(start, min(start + batch_size, N))
             xb = x[rows]
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, first_row + start))
             terms = log_weights(model, guide, xb, particles_elbo, chunk_size, compiled=compile)
             elbo = estimators.elbo(terms.log_w.double())
             put_estimate("elbo", rows, elbo)

@@ -124,19 +124,27 @@ def make_optimizer(params, lr: float) -> torch.optim.Adam:
 
 
 def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None,
-               norms: list | None = None) -> float:
+               norms: list | None = None, sync: Callable[[torch.Tensor], float] | None = None) -> float:
     """One optimizer step on the loss at x; returns the loss.
 
     Raises :class:`TrainingDiverged` before stepping if the loss or a gradient is nan or infinite,
     so the parameters are never corrupted. With ``clip_grad``, the gradient's total norm is clipped
     to it before the step; ``norms``, if given, gets the gradient's norm (before clipping) appended.
+    ``sync(loss) -> total loss`` sums the loss and the gradients over processes
+    (:func:`pyrovae.distributed.sum_over_processes`) between the backward pass and the checks.
     """
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(x, *args)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
-    loss.backward()
+    if sync is None:
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
+        loss.backward()
+    else:  # several processes: every one reaches the collective, and all decide on the sums
+        loss.backward()
+        value = sync(loss)
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grads = [p.grad for p in params]
     norm = torch.nn.utils.get_total_norm(grads).item()
@@ -178,6 +186,7 @@ def fit(
     valid_x: torch.Tensor | None = None,
     scheduler=None,
     monitor: Monitor | None = None,
+    sync: Callable[[torch.Tensor], float] | None = None,
 ) -> list[dict]:
     """Train ``module.model`` / ``module.guide`` for epochs ``start_epoch + 1 … config.epochs``.
 
@@ -196,7 +205,10 @@ def fit(
     With ``valid_x`` each epoch also reports ``valid_elbo``, which alone decides: ``best`` (the best
     so far, in ``monitor``), the plateau schedule and early stopping (``config.early_stopping``
     epochs without a better one). The test set, ``test_x``, is reported and never decides anything.
-    ``scheduler`` (:func:`make_scheduler`) is stepped after each epoch.
+    ``scheduler`` (:func:`make_scheduler`) is stepped after each epoch. ``sync`` (several
+    processes; see :func:`train_step`) makes the step's loss and gradients the sums over processes;
+    ``batches`` then yields each global batch's indices with this process's rows.
+    The held-out ELBOs use the same draws of z in every epoch (and every process).
     """
     from .objectives import loss as objective_loss, warmup_scale
 
@@ -215,11 +227,11 @@ def fit(
             if state.epoch != epoch:
                 state = Progress(epoch=epoch, skipped=state.skipped)
             start = time.perf_counter() - state.seconds
-            for step, (_, x) in enumerate(batches, start=state.step):
+            for step, (idx, x) in enumerate(batches, start=state.step):
                 loss_fn.beta = config.beta * warmup_scale(epoch, step, len(batches), config.warmup_epochs)
                 try:
-                    state.total -= train_step(loss_fn, optimizer, x, clip_grad=config.clip_grad, norms=norms)
-                    state.count += len(x)
+                    state.total -= train_step(loss_fn, optimizer, x, clip_grad=config.clip_grad, norms=norms, sync=sync)
+                    state.count += len(idx)
                     state.grad_norm_sum += norms.pop()
                     state.grad_steps += 1
                 except TrainingDiverged as e:
@@ -237,10 +249,14 @@ def fit(
                        "seconds": time.perf_counter() - start}
             if config.skip_nonfinite:
                 metrics["skipped"] = state.skipped
-            if test_x is not None:
-                metrics["test_elbo"] = mean_elbo(test_loss, test_x)
-            if valid_x is not None:
-                metrics["valid_elbo"] = mean_elbo(test_loss, valid_x)
+            held_out = test_x if test_x is not None else valid_x
+            cuda = held_out is not None and held_out.device.type == "cuda"
+            with torch.random.fork_rng(devices=[held_out.device] if cuda else []):
+                torch.manual_seed(config.seed)
+                if test_x is not None:
+                    metrics["test_elbo"] = mean_elbo(test_loss, test_x)
+                if valid_x is not None:
+                    metrics["valid_elbo"] = mean_elbo(test_loss, valid_x)
             watched = metrics.get("valid_elbo", metrics["train_elbo"])
             if monitor is not None:
                 metrics["best"] = monitor.update(epoch, watched)

@@ -4,6 +4,9 @@ Prints means over the points with standard errors across points; --json writes t
 the per-point values; --netcdf writes the per-point log-weights and diagnostics as arviz InferenceData.
 --ais adds log p(x) by annealed importance sampling with HMC on the same points; --bdmc brackets
 log p(x) between AIS's lower and upper bounds on points simulated from the model.
+Under ``torchrun -m pyrovae evaluate`` the points are shared among the processes, a block of whole
+passes each, and the results gathered on rank 0: identical to one process with the same --seed
+(the draws of each pass are seeded by the seed and the pass's first row). AIS and BDMC run on rank 0.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pyrovae import ais as ais_, latents
+from pyrovae import ais as ais_, distributed, latents
 from pyrovae.errors import PyrovaeError
-from pyrovae.evaluate import DEFAULT_IWAE_KS, evaluate, to_inference_data
+from pyrovae.evaluate import DEFAULT_IWAE_KS, cat, default_batch_size, evaluate, to_inference_data
+from pyrovae.run import resolve_device
 
 from .common import add_run_argument, open_run, writable_file
 
@@ -61,14 +65,34 @@ def run(args) -> int:
                    step_size=args.ais_step_size, start=args.ais_start, batch_size=args.ais_batch_size)
     if args.ais or args.bdmc:
         ais_.AISSettings(**options).check()  # before the importance sampling, not after it
+    device = distributed.local_device(resolve_device(args.device))
+    args.device = str(device)
+    with distributed.process_group(device):
+        return _run(args, options)
+
+
+def _run(args, options: dict) -> int:
+    rank, size = distributed.world()
     run_, module, device = open_run(args)
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
-    result = evaluate(module.model, module.guide, x, args.samples, args.iwae_k, args.particles_elbo,
-                      args.batch_size, args.chunk_size, args.compile, keep_log_weights=args.netcdf is not None,
-                      progress=not args.no_progress)
+    # each process takes a block of whole passes; the draws of a pass depend on its first row only
+    batch = args.batch_size or default_batch_size(args.samples, device)
+    per_process = -(-len(x) // batch // size) * batch if size > 1 else len(x)
+    first, last = min(rank * per_process, len(x)), min((rank + 1) * per_process, len(x))
+    result = None
+    if last > first:
+        result = evaluate(module.model, module.guide, x[first:last], args.samples, args.iwae_k, args.particles_elbo,
+                          batch, args.chunk_size, args.compile, keep_log_weights=args.netcdf is not None,
+                          progress=not args.no_progress and rank == 0, seed=args.seed, first_row=first)
+    if size > 1:
+        parts = distributed.gather(result)
+        if rank != 0:
+            return 0
+        result = cat([part for part in parts if part is not None])
     seconds = time.perf_counter() - start
-    print(f"{run_.path}: {args.split} split, {len(x)} points, {seconds:.1f} s ({len(x) / seconds:.1f} points/s)")
+    processes = f", {size} processes" if size > 1 else ""
+    print(f"{run_.path}: {args.split} split, {len(x)} points, {seconds:.1f} s ({len(x) / seconds:.1f} points/s{processes})")
     print(result.table())
     means = torch.cat([m.reshape(len(x), -1) for m in latents.latent_means(module.guide, x).values()], 1)
     activity, active = latents.active_units(means)

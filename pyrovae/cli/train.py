@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import shlex
 import shutil
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pyrovae import contract, factory, params as parameters
+from pyrovae import contract, distributed, factory, params as parameters
 from pyrovae.data import BINARIZATIONS, DATASETS, Batches, check_binarizable, load_dataset, static_binarized, with_validation
 from pyrovae.errors import Interrupted, PyrovaeError
 from pyrovae.generate import sample_prior
@@ -129,6 +131,8 @@ def add_parser(sub) -> None:
     g.add_argument("--skip-nonfinite", type=non_negative_int, help="skip up to N steps whose loss or gradient is not finite "
                    "(counted in metrics) before stopping (default: 0)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    g.add_argument("--nproc", type=positive(int), help="train in N processes on this machine (torchrun; gloo on CPU, nccl on GPUs); "
+                   "--batch-size stays the global batch")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", type=Path, help="run folder (default: runs/<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -223,7 +227,31 @@ def apply_resume_options(args, run_: Run) -> None:
 
 
 def run(args) -> int:
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args.argv, args.nproc)
     device = resolve_device(given(args, "device"))
+    with distributed.process_group(device):
+        return train(args, distributed.local_device(device))
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Run this command in ``nproc`` processes with torchrun (on this machine), and wait."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pyrovae", *rest]
+    print(f"running {nproc} processes: {shlex.join(command[1:])}")
+    return subprocess.run(command).returncode
+
+
+def train(args, device: torch.device) -> int:
+    rank, size = distributed.world()
+    main_process = rank == 0
     out = args.out or default_out(given(args, "dataset"))
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
@@ -254,6 +282,8 @@ def run(args) -> int:
     sample = data.train[:8] if d["binarize"] == "none" else static_binarized(data.train[:8], config.seed)
     contract.check(model.model, model.guide, sample.to(device), "the training data")
     batches = Batches(data.train, config.batch_size, d["binarize"], seed=config.seed, device=device)
+    if size > 1:
+        batches = distributed.ShardedBatches(batches, rank, size)
     test_x = run_.eval_split(data).to(device)
     valid_x = None if data.valid is None else run_.eval_split(data, "valid").to(device)
     trained = parameters.trainable(model.model, model.guide, batches.peek(8))
@@ -261,8 +291,9 @@ def run(args) -> int:
     scheduler, monitor = make_scheduler(optimizer, config), Monitor()
 
     def save(epoch: int, progress: dict | None = None, name: str = CHECKPOINT) -> None:
-        extra = {"monitor": monitor.to_dict(), "scheduler": None if scheduler is None else scheduler.state_dict()}
-        run_.save_checkpoint(model, trained, optimizer, batches, epoch, progress, extra, name)
+        if main_process:  # one writer; every process holds the same state
+            extra = {"monitor": monitor.to_dict(), "scheduler": None if scheduler is None else scheduler.state_dict()}
+            run_.save_checkpoint(model, trained, optimizer, batches, epoch, progress, extra, name)
 
     start_epoch, resume_from = 0, None
     if args.resume:
@@ -285,29 +316,36 @@ def run(args) -> int:
         start_epoch = state["epoch"]
         if state.get("progress"):
             resume_from = Progress(**state["progress"])
-        run_.truncate_metrics(start_epoch)
-        run_.save_config()
-        where = f" and {resume_from.step} steps" if resume_from else ""
-        print(f"resuming {out} after epoch {start_epoch}{where} of {config.epochs}")
+        if main_process:
+            run_.truncate_metrics(start_epoch)
+            run_.save_config()
+            where = f" and {resume_from.step} steps" if resume_from else ""
+            print(f"resuming {out} after epoch {start_epoch}{where} of {config.epochs}" + (f" in {size} processes" if size > 1 else ""))
     else:
-        run_ = Run.create(out, run_.config, overwrite=args.overwrite)
-        if run_.config["model"]["file"]:
-            shutil.copyfile(run_.config["model"]["file"]["original"], run_.path / MODEL_FILE)
-        with fast_context():
-            test_elbo = mean_elbo(elbo_loss(model.model, model.guide), test_x)
-        run_.append_metrics({"epoch": 0, "train_elbo": None, "test_elbo": test_elbo, "seconds": 0.0})
-        save(0)
+        if size > 1:
+            torch.distributed.barrier()  # every process has checked the folder before the first writes to it
+        if main_process:
+            run_ = Run.create(out, run_.config, overwrite=args.overwrite)
+            if run_.config["model"]["file"]:
+                shutil.copyfile(run_.config["model"]["file"]["original"], run_.path / MODEL_FILE)
+            with fast_context():
+                test_elbo = mean_elbo(elbo_loss(model.model, model.guide), test_x)
+            run_.append_metrics({"epoch": 0, "train_elbo": None, "test_elbo": test_elbo, "seconds": 0.0})
+            save(0)
+    if size > 1:  # each process draws its own z
+        torch.manual_seed(distributed.rank_seed(rank))
 
-    curves = Curves(run_.path / "tensorboard", data.image_shape) if args.tensorboard else None
+    curves = Curves(run_.path / "tensorboard", data.image_shape) if args.tensorboard and main_process else None
 
     def on_epoch_end(metrics: dict) -> None:
         if curves is not None:
             curves.epoch(metrics, model, test_x if valid_x is None else valid_x)
-        run_.append_metrics(metrics)
-        save(metrics["epoch"])
-        if metrics.get("best"):
-            save(metrics["epoch"], name=BEST)
-        run_.commit()
+        if main_process:
+            run_.append_metrics(metrics)
+            save(metrics["epoch"])
+            if metrics.get("best"):
+                save(metrics["epoch"], name=BEST)
+            run_.commit()
         schedule.saved()
         stop.check(run_, metrics["epoch"], None)
 
@@ -319,12 +357,24 @@ def run(args) -> int:
             stop.check(run_, progress.epoch - 1, progress.step)
 
     schedule, stop = CheckpointSchedule(args.checkpoint_every), StopRequest()
+    sync = None
+    if size > 1:
+        params = list(trained.values())
+
+        def sync(loss: torch.Tensor) -> float:
+            total, _, stop_any = distributed.sum_over_processes(loss, 0, stop.signal is not None, params)
+            if stop_any and stop.signal is None:  # another process was asked to stop: stop together
+                stop.signal = signal.SIGTERM
+            return total
+
     try:
         with stop.installed():
-            fit(model, batches, config, test_x, optimizer, start_epoch, on_epoch_end, progress=not args.no_progress,
-                on_step_end=on_step_end, resume_from=resume_from, valid_x=valid_x, scheduler=scheduler, monitor=monitor)
+            fit(model, batches, config, test_x, optimizer, start_epoch, on_epoch_end, progress=not args.no_progress and main_process,
+                on_step_end=on_step_end, resume_from=resume_from, valid_x=valid_x, scheduler=scheduler, monitor=monitor,
+                sync=sync)
     except TrainingDiverged as e:
-        run_.discard()
+        if main_process:
+            run_.discard()
         if run_.replaces is not None:
             raise TrainingDiverged(f"{e}; {run_.replaces} was left as it was") from None
         last = run_.load_checkpoint()
@@ -332,12 +382,15 @@ def run(args) -> int:
         raise TrainingDiverged(f"{e}; the last good checkpoint, {run_.path / 'checkpoint.pt'} ({where}), is intact: "
                                f"resume it with a smaller --lr, --clip-grad or --skip-nonfinite") from None
     except BaseException:
-        run_.discard()
+        if main_process:
+            run_.discard()
         raise
     finally:
         if curves is not None:
             curves.close()
 
+    if not main_process:
+        return 0
     if hasattr(model, "eval"):
         model.eval()
     if data.image_shape is None:
