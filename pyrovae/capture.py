@@ -222,6 +222,7 @@ class CapturedStep:
     def _compile(self, graph: torch.fx.GraphModule, tensors: list[torch.Tensor], beta: torch.Tensor) -> Callable:
         """The graph through ``torch.compile`` (inductor), compiled now; the plain graph where
         compiling fails (no C++ compiler, an unsupported operation), after a warning."""
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
         compiled = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
         try:
             with torch.no_grad():
@@ -271,27 +272,41 @@ class CapturedStep:
         self.graphs.clear()
         log.warning("the training step could not be captured and runs eagerly instead: %s", reason)
 
-    def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None) -> float:
+    def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None,
+             norms: list | None = None, sync: Callable[[torch.Tensor], float] | None = None) -> float:
         """One optimizer step on the loss at ``x``; returns the loss. :func:`pyrovae.train.train_step`
-        with the captured graph: raises :class:`~pyrovae.train.TrainingDiverged` before stepping if
-        the loss or the gradient norm is not finite (one host sync reads both), and clips the
-        gradient's total norm to ``clip_grad`` if given."""
+        with the captured graph, the same arguments and checks: raises
+        :class:`~pyrovae.train.TrainingDiverged` before stepping if the loss or the gradient norm is
+        not finite (one host sync reads both), appends the norm to ``norms``, clips the gradient's
+        total norm to ``clip_grad``; ``sync(loss)`` sums the loss and the ``.grad``s over processes."""
         if self.eager:
             self._eager_loss.beta = self.beta
-            return train_step(self._eager_loss, optimizer, x, *args, clip_grad=clip_grad)
+            return train_step(self._eager_loss, optimizer, x, *args, clip_grad=clip_grad, norms=norms, sync=sync)
         optimizer.zero_grad(set_to_none=True)
         check, (loss, grads, norm) = self._run(x, args)
-        if check is None:  # capture failed just now
-            check = torch.stack([loss.to(torch.float64), norm.to(torch.float64)])
-        value, norm_value = check.tolist()
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
-        for p, g in zip(self._leaves, grads):
-            p.grad = g
+        if sync is None:
+            if check is None:  # capture failed just now: the result is eager
+                check = torch.stack([loss.to(torch.float64), norm.to(torch.float64)])
+            value, norm_value = check.tolist()
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
+            for p, g in zip(self._leaves, grads):
+                p.grad = g
+        else:  # several processes: every one reaches the collective, and all decide on the sums
+            for p, g in zip(self._leaves, grads):
+                p.grad = g
+            value = sync(loss)
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
+            norm = torch.nn.utils.get_total_norm([p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
+            norm_value = norm.item()
         if not math.isfinite(norm_value):
             raise TrainingDiverged(f"the gradient became {norm_value} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
+        if norms is not None:
+            norms.append(norm_value)
         if clip_grad is not None:
-            torch.nn.utils.clip_grads_with_norm_([p for p in self._leaves if p.grad is not None], clip_grad, norm)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
         optimizer.step()
         return value
 

@@ -94,11 +94,23 @@ def test_noise_is_drawn_in_the_graph(float64):
     assert not any(tuple(v.shape) == latent for k, v in vars(graph).items() if isinstance(v, torch.Tensor))
 
 
-@pytest.mark.parametrize("clip_grad", [None, 1.0], ids=["plain", "clipped"])
-def test_training_matches_eager_train_step(float64, clip_grad):
-    """Five steps of fused Adam from the same start with the same noise: the same losses and
-    parameters, the positive ``obs_scale`` trained through its unconstrained leaf. The two runs are
-    made one after the other: this model's parameter names are fixed, so they share Pyro's param store."""
+def two_processes(params):
+    """A stand-in for pyrovae.distributed's ``sync``: two processes with the same batch, summed."""
+    def sync(loss):
+        for p in params.values():
+            if p.grad is not None:
+                p.grad = 2 * p.grad
+        return 2 * loss.item()
+
+    return sync
+
+
+@pytest.mark.parametrize("clip_grad, synced", [(None, False), (1.0, False), (1.0, True)], ids=["plain", "clipped", "clipped-synced"])
+def test_training_matches_eager_train_step(float64, clip_grad, synced):
+    """Five steps of fused Adam from the same start with the same noise: the same losses, gradient
+    norms and parameters, the positive ``obs_scale`` trained through its unconstrained leaf. The two
+    runs are made one after the other: this model's parameter names are fixed, so they share Pyro's
+    param store."""
     batches = [data(seed=s) for s in range(4)] + [data(n=10, seed=4)]  # the last, smaller batch
     runs = []
     model = MODELS["bare-constrained-param"]()
@@ -109,16 +121,18 @@ def test_training_matches_eager_train_step(float64, clip_grad):
         params = parameters.trainable(model.model, model.guide, batches[0])
         opt = make_optimizer(params.values(), 1e-2)
         step = CapturedStep(model.model, model.guide, params, mode=None if captured else "eager")
-        losses = []
+        losses, norms = [], []
+        options = dict(clip_grad=clip_grad, norms=norms, sync=two_processes(params) if synced else None)
         for x in batches:
             pyro.set_rng_seed(7)
             with fast_context():
-                losses.append(step.step(opt, x, clip_grad=clip_grad) if captured
-                              else train_step(objective_loss("elbo", model.model, model.guide), opt, x, clip_grad=clip_grad))
+                losses.append(step.step(opt, x, **options) if captured
+                              else train_step(objective_loss("elbo", model.model, model.guide), opt, x, **options))
         assert len(step.captures) == (2 if captured else 0) and step.failure is None
-        runs.append((losses, {name: p.detach().clone() for name, p in params.items()}))
-    (eager_losses, eager_params), (losses, params) = runs
+        runs.append((losses, norms, {name: p.detach().clone() for name, p in params.items()}))
+    (eager_losses, eager_norms, eager_params), (losses, norms, params) = runs
     assert losses == pytest.approx(eager_losses, rel=1e-10)
+    assert norms == pytest.approx(eager_norms, rel=1e-10)
     assert params.keys() == eager_params.keys() and "obs_scale" in params
     for name, p in params.items():
         torch.testing.assert_close(p, eager_params[name], **TOL, msg=name)
