@@ -89,7 +89,8 @@ def quality_problems(report: dict) -> list[str]:
     positive standard errors; training steps counted.
     """
     problems = []
-    s, settings = report["summary"], report["settings"]
+    (row,), settings = report["results"], report["settings"]  # --tiny trains one configuration
+    s = row["summary"]
     if (s["num_points"], s["num_samples"]) != (settings["test_points"], settings["samples"]) or s["num_points"] != 20:
         problems.append(f"points {s['num_points']}, K {s['num_samples']}")
     log_px, elbo = s["log_px"][0], s["elbo"][0]
@@ -104,20 +105,21 @@ def quality_problems(report: dict) -> list[str]:
         problems.append(f"bits_per_dim {s['bits_per_dim']}")
     if not all(finite_positive(s[key][1]) for key in ("log_px", "elbo", "gap")):
         problems.append("standard errors")
-    if not (report["training"]["steps"] > 0 and report["training"]["epochs"] >= 1):
-        problems.append(f"training {report['training']}")
+    if not (row["training"]["steps"] > 0 and row["training"]["epochs"] >= 1):
+        problems.append(f"training {row['training']}")
     return problems
 
 
 def with_summary(report: dict, **changes) -> dict:
-    return {**report, "summary": {**report["summary"], **changes}}
+    (row,) = report["results"]
+    return {**report, "results": [{**row, "summary": {**row["summary"], **changes}}]}
 
 
 QUALITY_BREAKS = {  # name → a mutation of a correct report, and the start of the problem it must raise
     "correct": (lambda r: r, None),
-    "bits-in-nats": (lambda r: with_summary(r, bits_per_dim=-r["summary"]["log_px"][0] / 64), "bits_per_dim"),
-    "gap-reversed": (lambda r: with_summary(r, gap=[-r["summary"]["gap"][0], r["summary"]["gap"][1]]), "gap"),
-    "log-px-is-the-elbo": (lambda r: with_summary(r, log_px=r["summary"]["elbo"]), "L_K"),
+    "bits-in-nats": (lambda r: with_summary(r, bits_per_dim=-r["results"][0]["summary"]["log_px"][0] / 64), "bits_per_dim"),
+    "gap-reversed": (lambda r: with_summary(r, gap=[-r["results"][0]["summary"]["gap"][0], r["results"][0]["summary"]["gap"][1]]), "gap"),
+    "log-px-is-the-elbo": (lambda r: with_summary(r, log_px=r["results"][0]["summary"]["elbo"]), "L_K"),
 }
 
 
