@@ -47,6 +47,7 @@ class TrainConfig:
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before training stops
     lr_schedule: str = "none"  # none, cosine (to 0 at the last epoch) or plateau (halve after 5 epochs without progress)
     early_stopping: int | None = None  # stop after this many epochs without a better validation ELBO
+    capture: bool = False  # trace the step once per batch shape and replay it (pyrovae.capture); objective "elbo" only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,6 +218,12 @@ def fit(
         contract.check(module.model, module.guide, sample, "the training data")
         optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
     loss_fn = objective_loss(config.objective, module.model, module.guide, config.num_particles, config.beta)
+    captured = None
+    if config.capture and config.objective == "elbo":
+        from .capture import CapturedStep
+
+        trained = {str(i): p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta)
     test_loss = elbo_loss(module.model, module.guide, config.num_particles)
     history = []
     state = resume_from or Progress(epoch=start_epoch + 1)
@@ -230,7 +237,12 @@ def fit(
             for step, (idx, x) in enumerate(batches, start=state.step):
                 loss_fn.beta = config.beta * warmup_scale(epoch, step, len(batches), config.warmup_epochs)
                 try:
-                    state.total -= train_step(loss_fn, optimizer, x, clip_grad=config.clip_grad, norms=norms, sync=sync)
+                    if captured is None:
+                        value = train_step(loss_fn, optimizer, x, clip_grad=config.clip_grad, norms=norms, sync=sync)
+                    else:
+                        captured.beta = loss_fn.beta
+                        value = captured.step(optimizer, x, clip_grad=config.clip_grad, norms=norms, sync=sync)
+                    state.total -= value
                     state.count += len(idx)
                     state.grad_norm_sum += norms.pop()
                     state.grad_steps += 1

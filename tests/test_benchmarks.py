@@ -43,7 +43,7 @@ def train_step_problems(report: dict) -> list[str]:
     problems = []
     settings, (row,) = report["settings"], report["results"]  # --tiny measures one net
     ms, ratio = row["ms_per_step"], row["ratio_to_torch"]
-    if set(ms) != {"torch", "torch_fused_adam", "naive_pyro", "pyrovae"} or not all(map(finite_positive, ms.values())):
+    if set(ms) != {"torch", "torch_fused_adam", "naive_pyro", "pyrovae", "pyrovae_captured"} or not all(map(finite_positive, ms.values())):
         problems.append(f"ms_per_step {ms}")
     for name in ms:
         if not (finite_positive(ratio.get(name)) and ratio[name] == pytest.approx(ms[name] / ms["torch"], rel=1e-12)):

@@ -281,3 +281,13 @@ def test_tensorboard_curves_are_written_and_read_back(tmp_path, monkeypatch):
     np.testing.assert_allclose(logged, [m["valid_elbo"] for m in history], rtol=1e-6)
     assert [e.step for e in events.Scalars("train/grad_norm")] == [1, 2]
     assert {"samples", "reconstructions"} <= set(events.Tags()["images"])
+
+
+def test_a_captured_training_step_trains_as_the_eager_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "2", "--out", "eager", *SMALL]) == 0
+    assert main(["train", "--epochs", "2", "--capture", "--out", "captured", *SMALL]) == 0
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("eager", "captured"))
+    for name in a["module"]:
+        torch.testing.assert_close(a["module"][name], b["module"][name], rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "captured" / "config.json").read_text())["train"]["capture"] is True

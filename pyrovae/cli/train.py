@@ -42,7 +42,7 @@ DEFAULTS = {"dataset": "digits", "model": factory.BUILTIN, "epochs": 100, "batch
             "particles": 1, "seed": 0, "device": "cpu", "objective": "elbo", "beta": 1.0, "warmup_epochs": 0,
             "skip_nonfinite": 0, "validation_fraction": 0.1, "lr_schedule": "none"}
 MODEL_OPTIONS = ("latent_dim", "hidden", "activation", "likelihood", "prior", "guide", "network")  # model arguments
-CHANGEABLE_ON_RESUME = ("epochs", "lr", "device", "clip_grad", "skip_nonfinite", "checkpoint_every", "early_stopping")
+CHANGEABLE_ON_RESUME = ("epochs", "lr", "device", "clip_grad", "skip_nonfinite", "checkpoint_every", "early_stopping", "capture")
 FIXED_ON_RESUME = ("dataset", "data_dir", "download", "binarize", "model", "model_arg", *MODEL_OPTIONS,
                    "batch_size", "particles", "seed", "objective", "beta", "warmup_epochs",
                    "validation_fraction", "lr_schedule")
@@ -127,6 +127,9 @@ def add_parser(sub) -> None:
                    "(halve the rate after 5 epochs without a better validation ELBO) (default: none)")
     g.add_argument("--early-stopping", type=positive(int), metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better validation ELBO")
+    g.add_argument("--capture", action="store_true", default=None,
+                   help="trace the training step once per batch shape and replay it (objective elbo; "
+                        "a model whose Python takes other branches from step to step must not use it)")
     g.add_argument("--clip-grad", type=positive(float), help="clip the gradient's total norm to this value")
     g.add_argument("--skip-nonfinite", type=non_negative_int, help="skip up to N steps whose loss or gradient is not finite "
                    "(counted in metrics) before stopping (default: 0)")
@@ -194,7 +197,7 @@ def new_run(args, out: Path) -> tuple[Run, object]:
         model["file"] = {"original": source, "copy": MODEL_FILE, "sha256": factory.sha256(source)}
     train = TrainConfig(given(args, "epochs"), given(args, "batch_size"), given(args, "lr"), given(args, "particles"), seed,
                         given(args, "objective"), given(args, "beta"), given(args, "warmup_epochs"), args.clip_grad,
-                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping)
+                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping, bool(args.capture))
     config = {
         "model": model,
         "data": {"dataset": dataset, "data_dir": absolute(args.data_dir), "download": bool(args.download),
@@ -217,7 +220,7 @@ def apply_resume_options(args, run_: Run) -> None:
     if args.epochs is not None and args.epochs != train["epochs"]:
         train["epochs"] = args.epochs
         changed.append(f"epochs {args.epochs}")
-    for name in ("lr", "clip_grad", "skip_nonfinite", "early_stopping"):
+    for name in ("lr", "clip_grad", "skip_nonfinite", "early_stopping", "capture"):
         value = getattr(args, name)
         if value is not None and value != train.get(name):
             train[name] = value
