@@ -156,7 +156,7 @@ class Run:
         with ``progress`` (:class:`pyrovae.train.Progress` as a dict) the steps done in the next one;
         ``extra``: more state (the learning-rate schedule, the validation monitor)."""
         state = {
-            "format": 2,
+            "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
             "progress": progress,
             **parameters.state_dict(model, params),
@@ -283,8 +283,14 @@ def set_random_states(state: dict) -> None:
         random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
+CHECKPOINT_FORMAT = 2
+
+
 def load_state(model, trained: dict, state: dict) -> None:
     """Load a checkpoint's parameters into the model (format 2, or the earlier ``model`` state dict)."""
+    if state.get("format", 1) > CHECKPOINT_FORMAT:
+        raise PyrovaeError(f"the checkpoint has format {state['format']}, newer than this pyrovae reads "
+                           f"({CHECKPOINT_FORMAT}): upgrade pyrovae")
     if "model" in state and "format" not in state:
         model.load_state_dict(state["model"])
     else:

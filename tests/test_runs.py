@@ -291,3 +291,24 @@ def test_a_captured_training_step_trains_as_the_eager_one(tmp_path, monkeypatch)
     for name in a["module"]:
         torch.testing.assert_close(a["module"][name], b["module"][name], rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "captured" / "config.json").read_text())["train"]["capture"] is True
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "1", "--out", "run", *SMALL]) == 0
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "format": 99}, tmp_path / "run" / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["sample", "run"]) == 2
+    assert_one_line_error(capsys.readouterr(), "sample", r"the checkpoint has format 99, newer than this pyrovae reads \(2\)")
+
+
+@pytest.mark.parametrize("command", ["sample", "reconstruct", "interpolate"])
+def test_vectors_are_not_pictured_and_the_commands_say_so(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    np.save("vectors.npy", np.random.default_rng(0).random((40, 5)).astype(np.float32))
+    assert main(["train", "--dataset", "vectors.npy", "--likelihood", "gaussian", "--batch-size", "8",
+                 "--epochs", "1", "--out", "run", *SMALL]) == 0
+    assert "no pictures (the data are not images)" in capsys.readouterr().out
+    assert main([command, "run"]) == 2
+    assert_one_line_error(capsys.readouterr(), command, r"cannot draw \w+: the data set's points are vectors, not images")
