@@ -19,6 +19,16 @@ def clean_pyro():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread, for tests of tiny tensors: a second thread costs more than it gives, and
+    far more on a busy machine (mark a module with ``pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def float64():
     """Run the test in float64: for checks that are about the math, not about speed."""
     torch.set_default_dtype(torch.float64)

@@ -29,14 +29,7 @@ from pyrovae.nn import register
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The chains' tensors are tiny: one torch thread is fastest, and steady on a shared machine
-    (two threads contending with other processes for two cores ran some of these tests 20× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def oracle(kind: str, points: int = 5, seed: int = 100):

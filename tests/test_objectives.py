@@ -26,13 +26,7 @@ from pyrovae.train import fast_context, make_optimizer, train_step
 N, P, D = 6, 10, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread avoids the cost of waking a second one for every small operation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def binary(n: int = N, p: int = P, seed: int = 0) -> torch.Tensor:

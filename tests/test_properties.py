@@ -44,13 +44,7 @@ EPS = torch.finfo(torch.float64).eps
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: a thread pool costs more than it gives (far more on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fast(max_examples: int) -> settings:

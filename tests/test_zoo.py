@@ -43,13 +43,7 @@ N, P, D = 8, 12, 3
 HIDDEN = (16,)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread avoids the cost of waking a second one for every small operation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data_for(likelihood: str, n: int = N, p: int = P, seed: int = 0) -> torch.Tensor:
