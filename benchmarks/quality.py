@@ -31,6 +31,7 @@ from pyrovae.train import fast_context, make_optimizer, train_step
 # name: (model factory arguments, objective, particles, warm-up epochs); "handwritten" is plain PyTorch
 CONFIGS = {
     "vae": ({}, "elbo", 1, 0),
+    "vae-captured": ({}, "elbo", 1, 0),  # the same, with the step captured (pyrovae train --capture)
     "vae-warmup": ({}, "elbo", 1, 10),
     "iwae5": ({}, "iwae", 5, 0),
     "iwae5-dreg": ({}, "iwae-dreg", 5, 0),
@@ -98,6 +99,11 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
     if parameters is None:
         parameters = list(params.trainable(model.model, model.guide, batches.peek(8)).values())
     optimizer = make_optimizer(parameters, 1e-3)
+    captured = None
+    if name == "vae-captured":
+        from pyrovae.capture import CapturedStep
+
+        captured = CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)})
     deadline = time.perf_counter() + 60 * args.minutes
     start, epochs, steps, last = time.perf_counter(), 0, 0, float("nan")
     with fast_context():
@@ -110,7 +116,7 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
                 for step, (_, x) in enumerate(batches):
                     if warmup:
                         loss_fn.beta = warmup_scale(epochs + 1, step, len(batches), warmup)
-                    total += train_step(loss_fn, optimizer, x)
+                    total += train_step(loss_fn, optimizer, x) if captured is None else captured.step(optimizer, x)
                     steps, seen = steps + 1, seen + len(x)
                     if not args.full and time.perf_counter() >= deadline:
                         break
