@@ -132,7 +132,7 @@ def _evaluation(args, run_: Run, checkpoint: Path, points_sha256: str) -> tuple[
     x = opened.eval_split(opened.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
     result = evaluate(module.model, module.guide, x, args.samples, (), args.particles_elbo,
-                      compile=args.compile, progress=not args.no_progress)
+                      compile=args.compile, progress=not args.no_progress, seed=args.seed)
     seconds = time.perf_counter() - start
     evaluation = cmp.PointEvaluation.from_evaluation(result, args.particles_elbo)
     try:

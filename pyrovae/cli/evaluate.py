@@ -59,6 +59,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise PyrovaeError(f"--limit must be at least 1, got {args.limit}")
+    if args.samples < 1:
+        raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {args.samples}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PyrovaeError(f"the batch size must be at least 1, got {args.batch_size}")
     writable_file(args.json, "--json")
     writable_file(args.netcdf, "--netcdf")
     options = dict(num_steps=args.ais_steps, num_chains=args.ais_chains, num_leapfrog=args.ais_leapfrog,
@@ -77,7 +81,7 @@ def _run(args, options: dict) -> int:
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
     # each process takes a block of whole passes; the draws of a pass depend on its first row only
-    batch = args.batch_size or default_batch_size(args.samples, device)
+    batch = default_batch_size(args.samples, device) if args.batch_size is None else args.batch_size
     per_process = -(-len(x) // batch // size) * batch if size > 1 else len(x)
     first, last = min(rank * per_process, len(x)), min((rank + 1) * per_process, len(x))
     result = None
