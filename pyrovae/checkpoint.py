@@ -43,7 +43,7 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp: Path | None = None
     try:
-        fd, tmp = _create_temporary(path)
+        fd, tmp = create_temporary(path)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -66,7 +66,7 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     _fsync_folder(path.parent)
 
 
-def _create_temporary(path: Path) -> tuple[int, Path]:
+def create_temporary(path: Path) -> tuple[int, Path]:
     """A new file beside ``path``, opened for writing; unlike ``tempfile.mkstemp`` (mode 0600)
     the mode is 0666 less the umask, as for any file the process creates."""
     for _ in range(100):

@@ -104,11 +104,21 @@ def check(model: Callable, guide: Callable, x: torch.Tensor, what: str = "the da
         check_support(site["fn"].support, site["value"], f"{what} (observed site {name!r})")
 
 
+def elementwise(support):
+    """The constraint on each value: ``independent(boolean, 1)`` → ``boolean``."""
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    return support
+
+
+def is_binary(support) -> bool:
+    """Whether the observed values must be 0 or 1 (a Bernoulli likelihood)."""
+    return elementwise(support) is constraints.boolean
+
+
 def check_support(support, x: torch.Tensor, what: str) -> None:
     """Raise DataError unless every value of x lies in ``support``, saying what to do."""
-    base = support
-    while hasattr(base, "base_constraint"):  # independent(boolean, 1) → boolean: count values, not rows
-        base = base.base_constraint
+    base = elementwise(support)  # count values, not rows
     inside = base.check(x)
     if bool(inside.all()):
         return

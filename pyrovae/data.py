@@ -233,7 +233,7 @@ class Batches:
         without touching the epoch's order or the random streams: for checks before training."""
         x = self.x[:n]
         if self._draw_rng is not None:
-            x = binarize(x.cpu(), torch.Generator().manual_seed(_substream_seed(self._seed) + 1)).to(x.device)
+            x = binarize(x.cpu(), torch.Generator().manual_seed(_substream_seed(self._seed, key=3))).to(x.device)
         return x
 
     def state_dict(self) -> dict:

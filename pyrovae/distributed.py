@@ -7,8 +7,7 @@ instead of a hang.
 
 Training: every process serves the same global minibatches (the same order and binarization
 stream as one process would) and takes every W-th row of each (:class:`ShardedBatches`). After
-the backward pass one ``all_reduce`` sums, over processes, the loss, the number of points, a stop
-flag and the gradient of every trained parameter — module parameters and ``pyro.param`` ones
+the backward pass one ``all_reduce`` sums, over processes, the loss, a stop flag and the gradient of every trained parameter — module parameters and ``pyro.param`` ones
 alike, which is why this is not ``DistributedDataParallel``, whose reducer sees only a module's own
 parameters. The ELBO is a sum over data points, so the summed gradient is exactly the gradient of
 the whole global batch: ``--batch-size`` stays the global batch, the learning rate keeps its
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 
 import torch
@@ -90,21 +90,21 @@ class ShardedBatches:
         self.batches.load_state_dict(state)
 
 
-def sum_over_processes(loss: torch.Tensor, count: int, stop: bool, params: list[torch.Tensor]) -> tuple[float, int, bool]:
-    """One all_reduce of (loss, count, stop flag, every gradient): returns the summed loss and count
-    and whether any process asked to stop; the parameters' ``.grad`` become the sums."""
+def sum_over_processes(loss: torch.Tensor, stop: bool, params: list[torch.Tensor]) -> tuple[float, bool]:
+    """One all_reduce of (loss, stop flag, every gradient): returns the summed loss and whether any
+    process asked to stop; the parameters' ``.grad`` become the sums."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    head = torch.stack([loss.detach().to(torch.float64).reshape(()), torch.tensor(float(count), dtype=torch.float64),
-                        torch.tensor(float(stop), dtype=torch.float64)]).to(loss.device)
+    head = torch.stack([loss.detach().to(torch.float64).reshape(()),
+                        torch.tensor(float(stop), dtype=torch.float64, device=loss.device)])
     flat = torch.cat([head, *(g.reshape(-1).to(torch.float64) for g in grads)])  # summed in float64
     dist.all_reduce(flat)
-    offset = 3
+    offset = 2
     for p, g in zip(params, grads):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
         offset += n
-    total, n_points, stops = flat[:3].tolist()
-    return total, int(round(n_points)), stops > 0
+    total, stops = flat[:2].tolist()
+    return total, stops > 0
 
 
 def gather(obj) -> list | None:
@@ -116,7 +116,5 @@ def gather(obj) -> list | None:
 
 def rank_seed(rank: int) -> int:
     """A seed for this process's own draws of z, derived from the current torch state and the rank."""
-    import hashlib
-
     digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes() + rank.to_bytes(4, "little")).digest()
     return int.from_bytes(digest[:8], "little") >> 1

@@ -60,17 +60,15 @@ def heldout_sha256(x: torch.Tensor) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file so that it is either the old or the new content, mode 0644 under the umask."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write a text file so that it is either the old or the new content, created as
+    :func:`pyrovae.checkpoint.save_atomic` creates its files (0666 less the umask)."""
+    fd, tmp = checkpoint.create_temporary(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -59,7 +59,7 @@ def gradients(world: tuple[int, int] | None) -> dict[str, torch.Tensor]:
     sync = None
     if world is not None:
         batches = distributed.ShardedBatches(batches, *world)
-        sync = lambda loss: distributed.sum_over_processes(loss, 0, False, list(trained.values()))[0]  # noqa: E731
+        sync = lambda loss: distributed.sum_over_processes(loss, False, list(trained.values()))[0]  # noqa: E731
     optimizer = torch.optim.SGD(trained.values(), lr=0.0)
     (_, x), = list(batches)
     with fast_context():

@@ -240,7 +240,7 @@ def run(args) -> int:
 def launch(argv: list[str], nproc: int) -> int:
     """Run this command in ``nproc`` processes with torchrun (on this machine), and wait."""
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
         elif a == "--nproc":
@@ -280,7 +280,7 @@ def train(args, device: torch.device) -> int:
     d = run_.config["data"]
     if d["binarize"] is None:  # decided by the observed site: binary data are binarized afresh each pass
         support = contract.observed_support(model.model, model.guide, data.train[:8].to(device))
-        d["binarize"] = "dynamic" if _is_boolean(support) else "none"
+        d["binarize"] = "dynamic" if contract.is_binary(support) else "none"
     check_binarizable(data.train, d["binarize"])
     sample = data.train[:8] if d["binarize"] == "none" else static_binarized(data.train[:8], config.seed)
     contract.check(model.model, model.guide, sample.to(device), "the training data")
@@ -365,7 +365,7 @@ def train(args, device: torch.device) -> int:
         params = list(trained.values())
 
         def sync(loss: torch.Tensor) -> float:
-            total, _, stop_any = distributed.sum_over_processes(loss, 0, stop.signal is not None, params)
+            total, stop_any = distributed.sum_over_processes(loss, stop.signal is not None, params)
             if stop_any and stop.signal is None:  # another process was asked to stop: stop together
                 stop.signal = signal.SIGTERM
             return total
@@ -459,12 +459,6 @@ class StopRequest:
         name = signal.Signals(self.signal).name
         raise Interrupted(f"{name}: stopped after {where}, checkpoint written; resume with: "
                           f"pyrovae train --out {shlex.quote(str(run_.path))} --resume", self.CODES[self.signal])
-
-
-def _is_boolean(support) -> bool:
-    while hasattr(support, "base_constraint"):
-        support = support.base_constraint
-    return support is torch.distributions.constraints.boolean
 
 
 def default_out(dataset: str) -> Path:
