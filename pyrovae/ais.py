@@ -85,6 +85,7 @@ from .context import fast_context
 from .diagnostics import effective_sample_size
 from .errors import ContractError, PyrovaeError
 from .estimators import Estimate
+from .evaluate import batch_seed
 from .evidence import PARTICLE_DIM, _check_data_plate, _sample_sites, _unscaled_log_prob
 
 DEFAULT_STEPS = 500  # T
@@ -576,6 +577,11 @@ class AISSettings:
             raise PyrovaeError(f"an AIS schedule must be T + 1 = {self.num_steps + 1} non-decreasing values from 0 to 1")
         return betas
 
+    def points_per_pass(self) -> int:
+        """``batch_size``, or as many points as fit ``PASS_SIZE`` chains (tuning chains included)."""
+        chains = self.num_chains + (self.tune_chains if self.adapting else 0)
+        return max(1, PASS_SIZE // chains) if self.batch_size is None else self.batch_size
+
     @property
     def adapting(self) -> bool:
         return self.adapt and self.num_steps > 1
@@ -586,16 +592,19 @@ class AISSettings:
         return evaluations > 0 and (self.capture is True or (self.capture == "auto" and evaluations >= CAPTURE_MIN_EVALUATIONS))
 
 
-def ais(model: Callable, guide: Callable, x: torch.Tensor, *args, progress: bool = False, **options) -> AISResult:
+def ais(model: Callable, guide: Callable, x: torch.Tensor, *args, progress: bool = False,
+        seed: int | None = None, first_row: int = 0, **options) -> AISResult:
     """AIS estimate of log p(x) per data point, a stochastic lower bound: x (N, P) → (N,) values.
 
     ``options`` are the fields of :class:`AISSettings` (``num_steps``, ``num_chains``,
     ``num_leapfrog``, ``step_size``, ``adapt``, ``tune_chains``, ``target_accept``, ``schedule``,
     ``start``, ``batch_size``, ``capture``); ``args`` go to ``model(x, *args)`` and ``guide(x, *args)``,
-    which keep the model/guide contract.
+    which keep the model/guide contract. With ``seed``, the pass starting at row r draws from a
+    stream seeded by (seed, ``first_row`` + r), so that processes sharing the points in blocks of
+    whole passes give the per-point results of one process.
     """
     settings = AISSettings(**options)
-    return _run(model, guide, x, args, settings, None, progress)[0]
+    return _run(model, guide, x, args, settings, None, progress, seed, first_row)[0]
 
 
 def bdmc(model: Callable, guide: Callable, x: torch.Tensor, *args, progress: bool = False, **options) -> BDMCResult:
@@ -633,7 +642,8 @@ def _start(path: _Path, u: torch.Tensor, capture: bool) -> tuple[Callable[[torch
     return (_capture(path, state) if capture else path), state
 
 
-def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | None, progress: bool) -> tuple[AISResult, AISResult | None]:
+def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | None, progress: bool,
+         seed: int | None = None, first_row: int = 0) -> tuple[AISResult, AISResult | None]:
     """Forward AIS on every point; with ``latents`` (exact posterior draws), reverse AIS too."""
     s.check()
     if len(x) == 0:
@@ -643,7 +653,7 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
     betas = s.betas()
     N, M = len(x), s.num_chains
     C = M + (s.tune_chains if s.adapting else 0)
-    batch_size = max(1, PASS_SIZE // C) if s.batch_size is None else s.batch_size
+    batch_size = s.points_per_pass()
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "accept", "step", "log_w_rev", "accept_rev")}
     passes = 1 if latents is None else 2
     with fast_context(), tqdm(total=N * passes, disable=not progress, unit="point", dynamic_ncols=True) as bar:
@@ -651,6 +661,8 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
             rows = slice(begin, min(begin + batch_size, N))
             xb = x[rows]
             B = len(xb)
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, first_row + begin))
             on_step = (lambda: bar.update(B / (s.num_steps - 1))) if progress else None
             eps0 = torch.full((B,), float(s.step_size), dtype=torch.float64, device=x.device)
             path = _Path(model, guide, xb, C, s.start, args, {})

@@ -114,6 +114,13 @@ def gather(obj) -> list | None:
     return parts if is_main() else None
 
 
+def all_gather(obj) -> list:
+    """Every process's ``obj`` (picklable), in rank order, on every process."""
+    parts = [None] * world()[1]
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def rank_seed(rank: int) -> int:
     """A seed for this process's own draws of z, derived from the current torch state and the rank."""
     digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes() + rank.to_bytes(4, "little")).digest()

@@ -127,9 +127,43 @@ def compile_pays(num_points: int, num_samples: int, device) -> bool:
     return torch.device(device).type == "cpu" and num_points * num_samples >= COMPILE_MIN_DRAWS
 
 
-def batch_seed(seed: int, row: int) -> int:
-    """The seed of the draws for the batch that starts at ``row``."""
-    return int(np.random.SeedSequence([seed, row]).generate_state(1, np.uint64)[0] >> 1)
+def batch_seed(seed: int, row: int, chunk: int | None = None) -> int:
+    """The seed of the draws for the batch that starts at ``row`` (the ELBO pass), or of its
+    ``chunk``-th chunk of importance samples."""
+    key = [seed, row] if chunk is None else [seed, row, 1 + chunk]
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
+
+
+def importance_log_weights(
+    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: int | None = None,
+    compiled: bool = False, seed: int | None = None, row: int = 0, shard: tuple[int, int] = (0, 1),
+    on_chunk: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """log w (K, B) in float64 for the B points of x, K = ``num_samples``, ``chunk_size`` particles
+    at a time. With ``seed``, chunk c is drawn from a stream seeded by (seed, ``row``, c). With
+    ``shard`` = (rank, W) under torch.distributed, this process draws the chunks c ≡ rank (mod W)
+    and the chunks of all processes are gathered, in order: the same K × B log-weights as one
+    process with the same seed and chunk size."""
+    chunk_size = num_samples if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise PyrovaeError(f"the chunk size must be at least 1, got {chunk_size}")
+    rank, size = shard
+    starts = range(0, num_samples, chunk_size)
+    mine = {}
+    for c, start in enumerate(starts):
+        if c % size != rank:
+            continue
+        if seed is not None:
+            torch.manual_seed(batch_seed(seed, row, c))
+        k = min(chunk_size, num_samples - start)
+        mine[c] = log_weights(model, guide, x, k, analytic_kl=False, compiled=compiled).log_w.double()
+        if on_chunk is not None:
+            on_chunk(k * size)
+    if size > 1:
+        from . import distributed
+        for part in distributed.all_gather({c: w.cpu() for c, w in mine.items()}):
+            mine.update({c: w.to(x.device) for c, w in part.items()})
+    return torch.cat([mine[c] for c in range(len(starts))])
 
 
 def cat(parts: list[Evaluation]) -> Evaluation:
@@ -167,6 +201,7 @@ def evaluate(
     progress: bool = False,
     seed: int | None = None,
     first_row: int = 0,
+    particle_shard: tuple[int, int] = (0, 1),
 ) -> Evaluation:
     """Evaluate on x (N, P), ``batch_size`` points at a time, in two independent passes per batch:
 
@@ -185,9 +220,12 @@ def evaluate(
     The contract, and the data against the observed site's support, are checked first on a few
     points: grey levels under a Bernoulli likelihood are refused, not scored.
 
-    With ``seed``, the draws for the batch starting at row r come from a stream seeded by
-    (seed, ``first_row`` + r): the per-point results then do not depend on how the rows are shared
-    among processes, as long as each process's ``first_row`` is a multiple of ``batch_size``.
+    With ``seed``, the draws for the batch starting at row r come from streams seeded by
+    (seed, ``first_row`` + r) and, for the importance samples, the chunk's index: the per-point
+    results then do not depend on how the rows are shared among processes, as long as each
+    process's ``first_row`` is a multiple of ``batch_size``, nor on how the chunks are:
+    ``particle_shard`` = (rank, W) makes the W processes of a torch.distributed group evaluate the
+    same points together, each drawing every W-th chunk (see :func:`importance_log_weights`).
     """
     if num_samples < 1:
         raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {num_samples}")
@@ -232,8 +270,8 @@ def evaluate(
                 put_estimate(f"kl_mc/{site}", rows, kl.monte_carlo)
                 put_estimate(f"kl_analytic/{site}", rows, kl.analytic)
                 put(f"kl_z/{site}", rows, kl.z_score)
-            log_w = log_weights(model, guide, xb, num_samples, chunk_size, analytic_kl=False, compiled=compile,
-                                on_chunk=lambda k: bar.update(len(xb) * k / num_samples)).log_w.double()  # (K, B)
+            log_w = importance_log_weights(model, guide, xb, num_samples, chunk_size, compile, seed, first_row + start,
+                                           particle_shard, on_chunk=lambda k: bar.update(len(xb) * k / num_samples))  # (K, B)
             for k in ks:
                 put_estimate(f"iwae/{k}", rows, estimators.iwae_bound(log_w, k))
             log_px = estimators.log_px(log_w)

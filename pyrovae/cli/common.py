@@ -16,10 +16,10 @@ from pyrovae.run import Run, resolve_device
 
 def add_run_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", type=Path, help="a run folder written by pyrovae train")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--checkpoint", choices=("last", "best"), default="last",
-                   help="the last checkpoint, or best.pt: the epoch with the best validation ELBO (default: last)")
+                   help="the last checkpoint, or best.pt: the epoch with the best validation ELBO (default: %(default)s)")
 
 
 def open_run(args) -> tuple[Run, object, torch.device]:

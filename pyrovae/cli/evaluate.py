@@ -6,7 +6,10 @@ the per-point values; --netcdf writes the per-point log-weights and diagnostics 
 log p(x) between AIS's lower and upper bounds on points simulated from the model.
 Under ``torchrun -m pyrovae evaluate`` the points are shared among the processes, a block of whole
 passes each, and the results gathered on rank 0: identical to one process with the same --seed
-(the draws of each pass are seeded by the seed and the pass's first row). AIS and BDMC run on rank 0.
+(the draws of each pass are seeded by the seed, the pass's first row and the chunk of particles).
+With --shard-particles the processes evaluate every point together instead, each drawing every
+W-th chunk of its K importance samples (for huge K): identical to one process with the same --seed
+and --chunk-size. AIS shares the points the same way; BDMC runs on rank 0.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pyrovae.run import resolve_device
 
 from .common import add_run_argument, open_run, writable_file
 
+SHARD_CHUNK = 500  # importance samples per chunk under --shard-particles when --chunk-size is not given
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="estimate the evidence on a data split", description=__doc__,
@@ -42,6 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", type=Path, help="write the summary and per-point values here")
     p.add_argument("--netcdf", type=Path, help="write per-point log-weights and diagnostics as arviz InferenceData; "
                    "it holds K × N float64 log-weights in memory (≈ 400 MB for 10 000 points at K = 5000)")
+    p.add_argument("--shard-particles", action="store_true",
+                   help=f"under torchrun: share each point's chunks of K importance samples among the processes, not the points "
+                        f"(--chunk-size default {SHARD_CHUNK})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("annealed importance sampling (Neal 2001; Wu et al. 2017) and BDMC (Grosse et al. 2015)")
     g.add_argument("--ais", action="store_true", help="also estimate log p(x) by AIS with HMC transitions (a stochastic lower bound)")
@@ -63,6 +71,8 @@ def run(args) -> int:
         raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {args.samples}")
     if args.batch_size is not None and args.batch_size < 1:
         raise PyrovaeError(f"the batch size must be at least 1, got {args.batch_size}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise PyrovaeError(f"the chunk size must be at least 1, got {args.chunk_size}")
     writable_file(args.json, "--json")
     writable_file(args.netcdf, "--netcdf")
     options = dict(num_steps=args.ais_steps, num_chains=args.ais_chains, num_leapfrog=args.ais_leapfrog,
@@ -75,38 +85,56 @@ def run(args) -> int:
         return _run(args, options)
 
 
+def block(num_points: int, per_pass: int) -> slice:
+    """This process's rows: a block of whole passes of ``per_pass`` points (all rows for one process)."""
+    rank, size = distributed.world()
+    per_process = -(-num_points // per_pass // size) * per_pass
+    return slice(min(rank * per_process, num_points), min((rank + 1) * per_process, num_points))
+
+
+def gathered(part):
+    """Each process's part of a result joined on rank 0 (None on the others); one process: as is."""
+    if distributed.world()[1] == 1:
+        return part
+    parts = distributed.gather(part)
+    return None if parts is None else cat([p for p in parts if p is not None])
+
+
 def _run(args, options: dict) -> int:
     rank, size = distributed.world()
     run_, module, device = open_run(args)
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
-    # each process takes a block of whole passes; the draws of a pass depend on its first row only
     batch = default_batch_size(args.samples, device) if args.batch_size is None else args.batch_size
-    per_process = -(-len(x) // batch // size) * batch if size > 1 else len(x)
-    first, last = min(rank * per_process, len(x)), min((rank + 1) * per_process, len(x))
+    shard_particles = args.shard_particles and size > 1
+    chunk = SHARD_CHUNK if args.shard_particles and args.chunk_size is None else args.chunk_size
+    rows = slice(0, len(x)) if shard_particles else block(len(x), batch)
     result = None
-    if last > first:
-        result = evaluate(module.model, module.guide, x[first:last], args.samples, args.iwae_k, args.particles_elbo,
-                          batch, args.chunk_size, args.compile, keep_log_weights=args.netcdf is not None,
-                          progress=not args.no_progress and rank == 0, seed=args.seed, first_row=first)
-    if size > 1:
-        parts = distributed.gather(result)
-        if rank != 0:
-            return 0
-        result = cat([part for part in parts if part is not None])
+    if rows.stop > rows.start:
+        result = evaluate(module.model, module.guide, x[rows], args.samples, args.iwae_k, args.particles_elbo,
+                          batch, chunk, args.compile, keep_log_weights=args.netcdf is not None,
+                          progress=not args.no_progress and rank == 0, seed=args.seed, first_row=rows.start,
+                          particle_shard=(rank, size) if shard_particles else (0, 1))
+    result = result if shard_particles else gathered(result)
     seconds = time.perf_counter() - start
+    ais_result = bdmc_result = None
+    if args.ais:
+        start = time.perf_counter()
+        rows = block(len(x), ais_.AISSettings(**options).points_per_pass())
+        part = ais_.ais(module.model, module.guide, x[rows], progress=not args.no_progress and rank == 0,
+                        seed=args.seed, first_row=rows.start, **options) if rows.stop > rows.start else None
+        ais_result = gathered(part)
+        ais_seconds = time.perf_counter() - start
+    if rank != 0:
+        return 0
     processes = f", {size} processes" if size > 1 else ""
     print(f"{run_.path}: {args.split} split, {len(x)} points, {seconds:.1f} s ({len(x) / seconds:.1f} points/s{processes})")
     print(result.table())
     means = torch.cat([m.reshape(len(x), -1) for m in latents.latent_means(module.guide, x).values()], 1)
     activity, active = latents.active_units(means)
     print(f"active units: {int(active.sum())} of {active.numel()} latent dimensions (Cov_x E_q[z_u | x] > {latents.ACTIVITY_THRESHOLD})")
-    ais_result = bdmc_result = None
-    if args.ais:
-        start = time.perf_counter()
-        ais_result = ais_.ais(module.model, module.guide, x, progress=not args.no_progress, **options)
-        ais_seconds = time.perf_counter() - start
-        print(f"\nAIS on the same {len(x)} points, {ais_seconds:.1f} s ({len(x) / ais_seconds:.2f} points/s)")
+    if ais_result is not None:
+        print(f"\nAIS on the same {len(x)} points, {ais_seconds:.1f} s ({len(x) / ais_seconds:.2f} points/s{processes})")
         print(ais_result.table())
     if args.bdmc:
         start = time.perf_counter()

@@ -248,8 +248,12 @@ def launch(argv: list[str], nproc: int) -> int:
         elif not a.startswith("--nproc="):
             rest.append(a)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pyrovae", *rest]
-    print(f"running {nproc} processes: {shlex.join(command[1:])}")
-    return subprocess.run(command).returncode
+    print(f"running {nproc} processes: {shlex.join(command[1:])}", flush=True)
+    code = subprocess.run(command).returncode
+    if code != 0:  # torchrun stopped the others; say so in one line after its long report
+        print(f"pyrovae train: error: training in {nproc} processes failed (torchrun exit code {code}): "
+              f"torchrun's report above names the process that failed first and why", file=sys.stderr)
+    return code
 
 
 def train(args, device: torch.device) -> int:
