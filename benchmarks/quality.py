@@ -100,10 +100,12 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
         parameters = list(params.trainable(model.model, model.guide, batches.peek(8)).values())
     optimizer = make_optimizer(parameters, 1e-3)
     captured = None
-    if name == "vae-captured":
+    if name == "vae-captured" or (args.capture and name != "handwritten" and CONFIGS[name][1] == "elbo"):
         from pyrovae.capture import CapturedStep
 
         captured = CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)})
+    if captured is not None:
+        print(f"{name}: step captured ({captured.mode})")
     deadline = time.perf_counter() + 60 * args.minutes
     start, epochs, steps, last = time.perf_counter(), 0, 0, float("nan")
     with fast_context():
@@ -116,6 +118,8 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
                 for step, (_, x) in enumerate(batches):
                     if warmup:
                         loss_fn.beta = warmup_scale(epochs + 1, step, len(batches), warmup)
+                        if captured is not None:
+                            captured.beta = loss_fn.beta
                     total += train_step(loss_fn, optimizer, x) if captured is None else captured.step(optimizer, x)
                     steps, seen = steps + 1, seen + len(x)
                     if not args.full and time.perf_counter() >= deadline:
@@ -157,6 +161,8 @@ def main(argv=None) -> None:
     p.add_argument("--full", action="store_true", help="the papers' 3280-epoch schedule instead of a time budget")
     p.add_argument("-k", "--samples", type=int, default=5000, help="importance samples per test point")
     p.add_argument("--test-points", type=int, help="evaluate only the first N test points")
+    p.add_argument("--capture", action="store_true",
+                   help="capture the step of every configuration trained with the ELBO (pyrovae train --capture)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
