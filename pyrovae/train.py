@@ -47,7 +47,8 @@ class TrainConfig:
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before training stops
     lr_schedule: str = "none"  # none, cosine (to 0 at the last epoch) or plateau (halve after 5 epochs without progress)
     early_stopping: int | None = None  # stop after this many epochs without a better validation ELBO
-    capture: bool = False  # trace the step once per batch shape and replay it (pyrovae.capture); objective "elbo" only
+    capture: bool | str = False  # trace the step once per batch shape and replay it (pyrovae.capture; objective "elbo"
+    # only): True or "auto" for the device's default mode, or a mode of pyrovae.capture.MODES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,7 +224,8 @@ def fit(
         from .capture import CapturedStep
 
         trained = {str(i): p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-        captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta)
+        mode = None if config.capture in (True, "auto") else config.capture
+        captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta, mode)
     test_loss = elbo_loss(module.model, module.guide, config.num_particles)
     history = []
     state = resume_from or Progress(epoch=start_epoch + 1)

@@ -290,7 +290,16 @@ def test_a_captured_training_step_trains_as_the_eager_one(tmp_path, monkeypatch)
     a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("eager", "captured"))
     for name in a["module"]:
         torch.testing.assert_close(a["module"][name], b["module"][name], rtol=1e-5, atol=1e-6)
-    assert json.loads((tmp_path / "captured" / "config.json").read_text())["train"]["capture"] is True
+    assert json.loads((tmp_path / "captured" / "config.json").read_text())["train"]["capture"] == "auto"
+
+
+def test_the_capture_mode_is_recorded_and_can_change_on_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "1", "--out", "run", *SMALL]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["capture"] is False
+    assert main(["train", "--resume", "--epochs", "2", "--capture", "graph", "--out", "run", *SMALL[-1:]]) == 0
+    assert "resuming with epochs 2, capture graph" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["capture"] == "graph"
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, monkeypatch, capsys):
