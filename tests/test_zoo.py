@@ -38,6 +38,7 @@ from pyrovae.models import (
     vae,
 )
 from pyrovae.models.likelihoods import LEVELS
+from pyrovae.models.priors import DiagonalNormalMixture, gaussian_mixture
 
 N, P, D = 8, 12, 3
 HIDDEN = (16,)
@@ -221,6 +222,27 @@ def test_vampprior_scores_as_the_mean_of_its_components(float64):
     per_component = torch.distributions.Normal(loc, scale).log_prob(z[..., None, :]).sum(-1)  # (4, N, K)
     expected = torch.logsumexp(per_component, -1) - math.log(len(u))
     torch.testing.assert_close(prior.distribution().log_prob(z), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_diagonal_mixture_has_the_density_and_gradients_of_mixture_same_family(float64):
+    g = torch.Generator().manual_seed(0)
+    loc = (3 * torch.randn(6, D, generator=g)).requires_grad_()
+    scale = (0.02 + torch.rand(6, D, generator=g)).requires_grad_()  # small scales: the expanded form's cancellation
+    logits = torch.randn(6, generator=g).requires_grad_()
+    z = (3 * torch.randn(4, N, D, generator=g)).requires_grad_()  # particles × points
+    fast = gaussian_mixture(logits, dist.Normal(loc, scale).to_event(1))
+    plain = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    assert isinstance(fast, DiagonalNormalMixture)
+    got, expected = fast.log_prob(z), plain.log_prob(z)
+    assert got.shape == (4, N)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(got.sum(), [loc, scale, logits, z]), torch.autograd.grad(expected.sum(), [loc, scale, logits, z])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    expanded = fast.expand((4, N))  # as pyro.sample expands it inside plates
+    assert isinstance(expanded, DiagonalNormalMixture) and expanded.batch_shape == (4, N)
+    torch.testing.assert_close(expanded.log_prob(z), expected, rtol=1e-12, atol=1e-9)
+    full = dist.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
+    assert type(gaussian_mixture(logits, full)) is dist.MixtureSameFamily
 
 
 @pytest.mark.parametrize("kind", ["vamp", "mixture"])
