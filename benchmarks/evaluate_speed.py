@@ -2,30 +2,40 @@
 
 Every method estimates, for each test point x, log p(x) ≈ logsumexp_k log w_k − log K with
 log w_k = log p(x | z_k) + log p(z_k) − log q(z_k | x), z_k ~ q(z | x), K draws per point
-(default K = 5000, Burda et al. 2016's protocol), on the same trained weights:
+(default K = 5000, Burda et al. 2016's protocol), on the same trained weights, every method on the
+device ``--device`` names (cpu, the default, or cuda; weights and test points are moved there):
 
     (a) pyrovae   pyrovae.evaluate.evaluate(model, guide, x, K, iwae_ks=(), particles_elbo=1, ...): the whole call,
-                  PSIS k̂ and the other per-point estimators included
+                  PSIS k̂ and the other per-point estimators included; evaluate's defaults for the
+                  device (its batch size for the device and K; compile="auto", decided once for a
+                  timing block) unless --batch-size/--chunk-size/--compile are given
     (b) pytorch   hand-written eager PyTorch: encoder → (μ, σ), z = μ + σ ε, decoder logits,
-                  −BCE-with-logits, Gaussian log-densities by formula, one point at a time
+                  −BCE-with-logits, Gaussian log-densities by formula, --hand-batch points per pass
+                  with all their K draws (default: one point on CPU, where that measured fastest,
+                  100 points on CUDA, where one point per pass is launch-bound)
     (c) pyro      pyro.infer.importance.vectorized_importance_weights, one point per call (it sums
                   over the data plate, so one point at a time is how it gives per-point weights)
     (d) pythae    pythae's VAE.get_nll, with an encoder and decoder wrapping the same modules
                   (only when pythae is importable: it lives in a separate benchmark venv, see README.md)
 
-Reported per method: points/s (median over interleaved repeats of the cycle a, b, c, d), the mean
-log p(x) with its standard error across points, and the largest per-point |difference| from (b)
-in combined Monte Carlo standard errors. Peak memory of (a) is measured in fresh subprocesses at two
-chunk sizes and two K: the kernel's peak resident set during the call (VmHWM, the counter behind
-``ru_maxrss``, reset just before the call), which sees torch's allocations; tracemalloc does not.
-A table is printed and JSON written to results/evaluate_speed.json.
+Reported per method: points/s (median over interleaved repeats of the cycle a, b, c, d; on CUDA
+the clock is read after torch.cuda.synchronize), the mean log p(x) with its standard error across
+points, and the largest per-point |difference| from (b) in combined Monte Carlo standard errors.
+Peak memory of (a) is measured in fresh subprocesses at two chunk sizes and two K: on CPU the
+kernel's peak resident set during the call (VmHWM, the counter behind ``ru_maxrss``, reset just
+before the call), which sees torch's allocations (tracemalloc does not); on CUDA
+``torch.cuda.max_memory_allocated`` during the call (its peak statistics reset just before it).
+A table is printed and JSON written to results/evaluate_speed.json; both name the device.
 
 Weights: ``--checkpoint RUN`` (a pyrovae run folder), else a 784-200-200-50 tanh VAE trained here for
 ``--train-epochs`` on dynamically binarized MNIST and cached in results/. Test data: the MNIST test set,
 binarized once (``static_binarized``). ``--tiny`` runs a seconds-long version on scikit-learn's digits
 (the test suite's smoke test).
 
+Usage: python benchmarks/evaluate_speed.py [--tiny] [--device cpu|cuda] [--points N] [-k K] [--hand-batch N] [--out FILE]
+
     python benchmarks/evaluate_speed.py --points 100
+    python benchmarks/evaluate_speed.py --points 1000 --device cuda
     ../bench-venv/bin/python benchmarks/evaluate_speed.py --points 100     # with pythae
 """
 
@@ -52,7 +62,7 @@ import torch.nn.functional as F
 import pyrovae
 from pyrovae.data import Batches, load_dataset, static_binarized
 from pyrovae.diagnostics import KHAT_THRESHOLD
-from pyrovae.evaluate import evaluate
+from pyrovae.evaluate import compile_pays, default_batch_size, evaluate
 from pyrovae.models import VAEConfig, build_model, build_vae
 from pyrovae.train import TrainConfig, fit
 
@@ -66,6 +76,8 @@ LABELS = {
     "pythae": "(d) pythae VAE.get_nll",
 }
 MEMORY_RUNS = [(1000, 500), (5000, 500), (1000, 5000), (5000, 5000)]  # (K, chunk size)
+HAND_BATCH = {"cpu": 1, "cuda": 100}  # (b)'s default points per pass, by device
+MEMORY_POINTS = {"cpu": 2, "cuda": 100}  # default points per peak-memory run, by device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,18 +87,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats over the methods, median reported (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, of the test set's binarization (seed + 1) and of the draws (default: %(default)s)")
-    g = p.add_argument_group("(a) pyrovae's evaluate options (unset: evaluate's defaults)")
-    g.add_argument("--batch-size", type=int, help="points per pass")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where every method runs: the weights and test points are moved there (default: %(default)s)")
+    g = p.add_argument_group("(a) pyrovae's evaluate options (unset: evaluate's defaults for the device)")
+    g.add_argument("--batch-size", type=int, help="points per pass (default: pyrovae.evaluate.default_batch_size for the device and K)")
     g.add_argument("--chunk-size", type=int, help="particles per pass")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="evaluate's compiled path, where this pyrovae's evaluate has a compile option")
+                   help="evaluate's compiled path, where this pyrovae's evaluate has a compile option (default: \"auto\", "
+                        "as pyrovae's evaluate command: compiled only where it pays, never on CUDA)")
     g = p.add_argument_group("other methods")
-    g.add_argument("--block", type=int, default=10, help="points per interleaved timing block (rounded up to a multiple of --batch-size; default: %(default)s)")
+    g.add_argument("--block", type=int, default=10,
+                   help="points per interleaved timing block, rounded up to a multiple of (a)'s and (b)'s points per pass "
+                        "and at most --points (default: %(default)s)")
+    g.add_argument("--hand-batch", type=int,
+                   help="(b): points per pass, each with all its K draws (default: 1 on CPU, one point with all K draws per "
+                        "pass, which measured fastest there; 100 on CUDA, where one point per pass is launch-bound)")
     g.add_argument("--hand-chunk", type=int, help="(b): particles per pass (default: all K at once)")
     g.add_argument("--pythae-batch-size", type=int, help="(d): get_nll's batch_size, samples per pass (default: K, its best setting)")
     g.add_argument("--no-pythae", action="store_true", help="skip (d) even if pythae is importable")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    g.add_argument("--memory-points", type=int, default=2, help="points per peak-memory run (default: %(default)s)")
+    g.add_argument("--memory-points", type=int,
+                   help="points per peak-memory run (default: 2 on CPU; 100 on CUDA, one default pass of evaluate at K = 5000)")
     g = p.add_argument_group("weights and data")
     g.add_argument("--checkpoint", type=Path, metavar="RUN", help="a pyrovae run folder to take the weights and test data from")
     g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None,
@@ -96,14 +117,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON output (default: results/evaluate_speed.json, results/evaluate_speed_tiny.json with --tiny)")
     p.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)  # internal: one peak-memory run
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
     if args.tiny:
         args.samples, args.points, args.repeats, args.block = 50, 4, 1, 2
         args.no_memory = args.no_pythae = True
     if args.out is None:
         args.out = RESULTS / ("evaluate_speed_tiny.json" if args.tiny else "evaluate_speed.json")
     args.hand_chunk = args.hand_chunk or args.samples
+    args.hand_batch = HAND_BATCH[args.device] if args.hand_batch is None else args.hand_batch
     args.pythae_batch_size = args.pythae_batch_size or args.samples
-    for name in ("points", "samples", "repeats", "threads", "block", "hand_chunk", "pythae_batch_size", "memory_points"):
+    args.memory_points = MEMORY_POINTS[args.device] if args.memory_points is None else args.memory_points
+    for name in ("points", "samples", "repeats", "threads", "block", "hand_batch", "hand_chunk", "pythae_batch_size", "memory_points"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -113,15 +138,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_setup(args) -> tuple[torch.nn.Module, torch.Tensor, dict]:
-    """The trained VAE (eval mode), the test points x (N, P) and a description of both."""
+    """The trained VAE (eval mode), the test points x (N, P) and a description of both, on the CPU
+    (``_benchmark`` moves them to ``--device``)."""
     if args.tiny:
         return _tiny_setup(args)
     if args.checkpoint is not None:
         from pyrovae.run import Run
 
         run = Run.open(args.checkpoint)
-        vae = run.build_model("cpu").eval()
-        x = run.eval_split(run.dataset())[: args.points]
+        data, vae, _ = run.load_model("cpu")  # rebuilt and loaded from the run's last checkpoint
+        vae.eval()
+        x = run.eval_split(data)[: args.points]
         _check_plain_vae(vae)
         return vae, x, {"weights": f"run folder {args.checkpoint}", "model": run.config["model"], "data": run.config["data"]}
     data = load_dataset("mnist", args.data_dir)
@@ -175,12 +202,18 @@ def _check_plain_vae(vae) -> None:
 # (pyrovae's evaluate also gives each point's PSIS k̂, kept to say which points' standard errors can be trusted)
 
 
-def log_px_from_log_w(log_w: torch.Tensor) -> tuple[float, float]:
-    """log (1/K) Σ w_k and its delta-method standard error sd(w)/(√K mean w), from log_w (K,)."""
+def log_px_per_point(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of log_w (K, B): log (1/K) Σ_k w_k and its delta-method standard error sd(w)/(√K mean w), both (B,) double."""
     log_w = log_w.double()
-    K = log_w.numel()
+    K = log_w.shape[0]
     value = torch.logsumexp(log_w, 0) - math.log(K)
-    stderr = torch.exp(log_w - value).std() / math.sqrt(K) if K > 1 else torch.tensor(math.nan)
+    stderr = torch.exp(log_w - value).std(0) / math.sqrt(K) if K > 1 else torch.full_like(value, math.nan)
+    return value, stderr
+
+
+def log_px_from_log_w(log_w: torch.Tensor) -> tuple[float, float]:
+    """log (1/K) Σ w_k and its delta-method standard error, from one point's log_w (K,)."""
+    value, stderr = log_px_per_point(log_w.reshape(-1, 1))
     return value.item(), stderr.item()
 
 
@@ -190,29 +223,32 @@ def run_pyrovae(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         kwargs["batch_size"] = args.batch_size
     if args.chunk_size is not None:
         kwargs["chunk_size"] = args.chunk_size
-    if args.compile is not None:
-        kwargs["compile"] = args.compile
+    if getattr(args, "evaluate_compile", None) is not None:  # set by _measure: --compile/--no-compile, or "auto" resolved
+        kwargs["compile"] = args.evaluate_compile
     result = evaluate(vae.model, vae.guide, x, **kwargs)
     return result.log_px.value, result.log_px.stderr, result.khat
 
 
 def run_pytorch(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain eager PyTorch on the VAE's own encoder and decoder, called as torch modules outside any Pyro handler."""
+    """Plain eager PyTorch on the VAE's own encoder and decoder, called as torch modules outside any Pyro handler:
+    ``--hand-batch`` points per pass, each with all its K draws, ``--hand-chunk`` draws at a time."""
     values, stderrs = [], []
-    for xn in x:  # (P,)
-        loc, scale = vae.encoder.loc_scale(xn)  # (D,), (D,)
+    for first in range(0, len(x), args.hand_batch):
+        xb = x[first : first + args.hand_batch]  # (B, P)
+        loc, scale = vae.encoder.loc_scale(xb)  # (B, D), (B, D)
+        log_scale = scale.log().sum(-1)  # (B,)
         log_w = []
         for start in range(0, K, args.hand_chunk):
-            eps = torch.randn(min(args.hand_chunk, K - start), loc.shape[-1])  # (C, D)
+            eps = torch.randn(min(args.hand_chunk, K - start), *loc.shape, device=loc.device)  # (C, B, D)
             z = loc + scale * eps
-            logits = vae.decoder(z)  # (C, P)
-            log_px_z = -F.binary_cross_entropy_with_logits(logits, xn.expand_as(logits), reduction="none").sum(-1)
+            logits = vae.decoder(z)  # (C, B, P)
+            log_px_z = -F.binary_cross_entropy_with_logits(logits, xb.expand_as(logits), reduction="none").sum(-1)  # (C, B)
             # log N(z; 0, I) − log N(z; μ, σ²): the −D/2 log 2π terms cancel; (z − μ)/σ = ε
-            log_w.append(log_px_z - 0.5 * (z * z).sum(-1) + 0.5 * (eps * eps).sum(-1) + scale.log().sum())
-        value, stderr = log_px_from_log_w(torch.cat(log_w))
+            log_w.append(log_px_z - 0.5 * (z * z).sum(-1) + 0.5 * (eps * eps).sum(-1) + log_scale)
+        value, stderr = log_px_per_point(torch.cat(log_w))  # (B,), (B,)
         values.append(value)
         stderrs.append(stderr)
-    return torch.tensor(values, dtype=torch.float64), torch.tensor(stderrs, dtype=torch.float64)
+    return torch.cat(values).cpu(), torch.cat(stderrs).cpu()
 
 
 def run_pyro(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,37 +337,60 @@ def pythae_with_stderr(model, x, K, args) -> tuple[torch.Tensor, torch.Tensor, d
     return torch.tensor(values, dtype=torch.float64), torch.tensor(stderrs, dtype=torch.float64), check
 
 
-def _block_size(args) -> int:
-    """Points per interleaved block: ``--block``, rounded up to a multiple of (a)'s batch size."""
-    batch = args.batch_size or 1
-    return -(-args.block // batch) * batch
+def pyrovae_batch_size(args) -> int:
+    """(a)'s points per pass: ``--batch-size``, else evaluate's default for the device and K."""
+    return args.batch_size or default_batch_size(args.samples, args.device)
+
+
+def _block_size(args, N: int) -> int:
+    """Points per interleaved block: ``--block``, rounded up to a multiple of (a)'s and (b)'s points per
+    pass (so that neither runs smaller passes than it is set to), and at most N."""
+    batch = math.lcm(pyrovae_batch_size(args), args.hand_batch)
+    return min(-(-args.block // batch) * batch, N)
 
 
 # --- peak memory in a fresh process -------------------------------------------------------------
 
 
 def memory_probe(path: Path) -> None:
-    """Child process: evaluate the saved points once; print the RSS before and the peak RSS during the call (MiB) as JSON.
+    """Child process: evaluate the saved points once; print the memory before and the peak during the call (MiB) as JSON.
 
-    The peak is the kernel's high-water mark of the resident set (VmHWM in /proc/self/status), reset to
+    On CPU the peak is the kernel's high-water mark of the resident set (VmHWM in /proc/self/status), reset to
     the current RSS just before the call (``echo 5 > /proc/self/clear_refs``, Linux), so the first call's
     costs (lazy imports, any compilation) do not hide it. ``ru_maxrss`` is the same counter but also keeps
     the peak seen when any thread exited, so it cannot be reset; it is printed as the lifetime peak.
+    On CUDA the peak is ``torch.cuda.max_memory_allocated`` (tensors the caching allocator handed out),
+    its statistics reset just before the call; ``max_memory_reserved`` (what the allocator held) beside it.
     """
     import resource
 
     job = torch.load(path, weights_only=True)
+    device = job.get("device", "cpu")
     torch.set_num_threads(job["threads"])
-    vae = build_model(job["config"])
+    if job.get("checkpoint"):  # a run folder's model: rebuilt as the run records it (its config is not a VAEConfig)
+        from pyrovae.run import Run
+
+        _, vae, _ = Run.open(job["checkpoint"]).load_model("cpu")
+    else:
+        vae = build_model(job["config"])
     vae.load_state_dict(job["model"])
-    vae.eval()
-    x = job["x"]
+    vae.to(device).eval()
+    x = job["x"].to(device)
     kwargs = {"iwae_ks": (), "particles_elbo": 1, "batch_size": job["batch_size"]}
     if job["compile"] is not None:
         kwargs["compile"] = job["compile"]
     with torch.no_grad():
         chunk = min(job["K"], job["chunk"])  # warm-up on the measured call's chunk shape: lazy imports (arviz), compilation
         evaluate(vae.model, vae.guide, x[:1], num_samples=chunk, chunk_size=chunk, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            evaluate(vae.model, vae.guide, x, num_samples=job["K"], chunk_size=job["chunk"], **kwargs)
+            torch.cuda.synchronize()
+            print(json.dumps({"device": device, "allocated_before_mib": before / 2**20, "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+                              "max_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}))
+            return
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             reset = True
@@ -354,27 +413,32 @@ def _proc_status_kib(field: str) -> float:
 
 def measure_memory(vae, config: dict, x, args, compile_kw) -> list[dict]:
     rows = []
-    batch_size = args.batch_size or 1
+    what = "peak RSS" if args.device == "cpu" else "peak CUDA allocated"
+    state = {name: value.cpu() for name, value in vae.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
         for K, chunk in MEMORY_RUNS:
+            # points per pass: --batch-size, else one on CPU (as this benchmark always measured), evaluate's default on CUDA
+            batch_size = args.batch_size or (1 if args.device == "cpu" else default_batch_size(K, args.device))
             job = Path(tmp) / "job.pt"
-            torch.save({"config": config, "model": vae.state_dict(), "x": x[: args.memory_points].clone(), "K": K,
-                        "chunk": chunk, "batch_size": batch_size, "threads": args.threads, "compile": compile_kw}, job)
+            torch.save({"config": config, "model": state, "x": x[: args.memory_points].cpu(), "K": K, "chunk": chunk,
+                        "batch_size": batch_size, "threads": args.threads, "compile": compile_kw, "device": args.device,
+                        "checkpoint": None if args.checkpoint is None else str(args.checkpoint.resolve())}, job)
             done = subprocess.run([sys.executable, __file__, "--memory-probe", str(job)], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"memory probe K={K} chunk={chunk} failed:\n{done.stderr[-2000:]}")
             m = json.loads(done.stdout.strip().splitlines()[-1])
+            before = m["rss_before_mib"] if args.device == "cpu" else m["allocated_before_mib"]
             rows.append({"K": K, "chunk_size": chunk, "effective_chunk": min(K, chunk), "batch_size": batch_size,
-                         "points": len(x[: args.memory_points]), **m, "growth_mib": m["peak_mib"] - m["rss_before_mib"]})
-            print(f"  memory K={K:>5} chunk={chunk:>5}: peak RSS {m['peak_mib']:.0f} MiB, "
-                  f"{rows[-1]['growth_mib']:.0f} MiB above the RSS before the call", flush=True)
+                         "points": len(x[: args.memory_points]), **m, "growth_mib": m["peak_mib"] - before})
+            print(f"  memory K={K:>5} chunk={chunk:>5}: {what} {m['peak_mib']:.0f} MiB, "
+                  f"{rows[-1]['growth_mib']:.0f} MiB above that before the call", flush=True)
     return rows
 
 
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
+def machine_info(device: str) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
@@ -382,18 +446,20 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "pyro": pyro.__version__, "pyrovae": pyrovae.__version__,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cuda": torch.cuda.get_device_name() if device == "cuda" else None}
     if hasattr(os, "getloadavg"):
         info["load_average_at_start"] = os.getloadavg()
     return info
 
 
-def compile_support(args) -> bool | None:
-    """The ``compile`` value to pass to evaluate (None: don't pass it)."""
+def compile_support(args) -> bool | str | None:
+    """The ``compile`` value to pass to evaluate (None: don't pass it): ``--compile/--no-compile``, else
+    ``"auto"`` (pyrovae's evaluate command's default: compiled where it pays for the device and size)."""
     supported = "compile" in inspect.signature(evaluate).parameters
     if args.compile is not None and not supported:
         sys.exit("--compile/--no-compile: this pyrovae's evaluate has no compile option")
-    return args.compile
+    return args.compile if args.compile is not None or not supported else "auto"
 
 
 def summarize(values: torch.Tensor) -> tuple[float, float]:
@@ -417,24 +483,34 @@ def main(argv=None) -> int:
 
 def _benchmark(args) -> int:
     compile_kw = compile_support(args)
-    vae, x, setup = load_setup(args)  # may train: outside no_grad
+    vae, x, setup = load_setup(args)  # may train (on the CPU): outside no_grad
+    vae, x = vae.to(args.device), x.to(args.device)  # every method runs on the device
     with torch.no_grad():
         return _measure(args, vae, x, setup, compile_kw)
 
 
 def _measure(args, vae, x, setup, compile_kw) -> int:
     K, N = args.samples, len(x)
-    machine = machine_info()
+    machine = machine_info(args.device)
     methods = ["pyrovae", "pytorch", "pyro"]
     notes = {}
     pythae_model = None if args.no_pythae else make_pythae(vae)
-    if pythae_model is not None:
+    if pythae_model is not None:  # get_nll computes on its data's device, with the wrapped modules already there
+        pythae_model.to(args.device)
         methods.append("pythae")
     else:
         notes["pythae"] = "skipped: " + ("--no-pythae" if args.no_pythae else
                                          f"pythae is not importable from {sys.executable} (install benchmarks/requirements-pythae.txt in a separate venv)")
         print(f"(d) pythae {notes['pythae']}")
-    print(f"{N} points, K = {K} importance samples each, {args.repeats} interleaved repeats, {args.threads} torch threads", flush=True)
+    block = _block_size(args, N)
+    device_name = args.device if machine["cuda"] is None else f"{args.device} ({machine['cuda']})"
+    print(f"{N} points, K = {K} importance samples each, {args.repeats} interleaved repeats, on {device_name}, "
+          f"{args.threads} torch threads; (a) {min(pyrovae_batch_size(args), block)} and (b) {min(args.hand_batch, block)} "
+          f"points per pass, blocks of {block} points", flush=True)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)  # before each clock reading: CUDA runs asynchronously
+    # "auto" decided once, as evaluate would for a block (False at this benchmark's usual sizes, and always on CUDA), so
+    # that a compiling (a) compiles in its warm-up, not in a timed block
+    args.evaluate_compile = compile_pays(block, K, args.device) if compile_kw == "auto" else compile_kw
 
     def call(name: str, points: torch.Tensor):
         if name == "pythae":
@@ -444,14 +520,17 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
     warmup_s = {}
     for name in methods:  # one point each, untimed in the results: first-call costs (and any compilation)
         torch.manual_seed(args.seed)
+        sync()
         start = time.perf_counter()
         call(name, x[:1])
+        sync()
         warmup_s[name] = time.perf_counter() - start
+        if args.device == "cuda":  # and one block, untimed: the kernels of its shapes, the caching allocator's memory
+            call(name, x[:block])
 
     # Each repeat runs every method on each block of points in turn, the order rotating from block to
     # block, so that the load of a shared machine falls on all methods alike; per block, each method's
     # time over (b)'s on the same block is a paired ratio.
-    block = _block_size(args)
     seconds = {name: [0.0] * args.repeats for name in methods}
     ratios = {name: [] for name in methods}
     parts = {name: [] for name in methods}
@@ -463,8 +542,10 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
             took = {}
             for name in order:
                 torch.manual_seed(args.seed * 10**9 + rep * 10**6 + b * 10 + methods.index(name))  # independent draws per method
+                sync()
                 start = time.perf_counter()
                 values, stderrs, *khat = call(name, xb)
+                sync()
                 took[name] = time.perf_counter() - start
                 seconds[name][rep] += took[name]
                 if rep == 0:
@@ -505,16 +586,19 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
             entry["sd_z_vs_pytorch"] = z.std().item() if N > 1 else None  # ≈ 1 when the standard errors are honest
         results[name] = entry
     results["pyrovae"]["options"] = {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "compile": compile_kw,
+                                     "points_per_pass": min(pyrovae_batch_size(args), block),  # at most a block per call
+                                     "compiled": args.evaluate_compile,
                                      "evaluate_defaults": {k: v.default for k, v in inspect.signature(evaluate).parameters.items()
                                                            if k in ("batch_size", "chunk_size", "compile")}}
-    results["pytorch"]["options"] = {"chunk": args.hand_chunk}
+    results["pytorch"]["options"] = {"chunk": args.hand_chunk, "hand_batch": args.hand_batch, "points_per_pass": min(args.hand_batch, block)}
     if pythae_model is not None:
         import pythae
 
         bs = args.pythae_batch_size
         results["pythae"]["options"] = {"batch_size": bs, "n_samples": K}
         results["pythae"]["version"] = getattr(pythae, "__version__", None) or _dist_version("pythae")
-        points_seen = 1 + (args.repeats + 1) * N  # the warm-up point, the timed repeats and the recording pass
+        # the warm-up point (and block, on CUDA), the timed repeats and the recording pass
+        points_seen = 1 + (block if args.device == "cuda" else 0) + (args.repeats + 1) * N
         results["pythae"]["samples_per_point_used"] = pythae_model.decoder.rows / points_seen
         results["pythae"]["encoder_rows_per_point"] = pythae_model.encoder.rows / points_seen
         results["pythae"]["check"] = pythae_check
@@ -528,7 +612,8 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
 
     memory = []
     if not args.no_memory:
-        print("peak memory of (a), each in a fresh process (VmHWM reset before the call):", flush=True)
+        print("peak memory of (a), each in a fresh process (" + ("VmHWM" if args.device == "cpu" else "CUDA peak statistics")
+              + " reset before the call):", flush=True)
         memory = measure_memory(vae, setup["model"], x, args, compile_kw)
 
     if hasattr(os, "getloadavg"):
@@ -536,15 +621,19 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
     diagnostics = {"per_point_khat": khat.tolist(), "share_khat_above_0.7": (khat > KHAT_THRESHOLD).double().mean().item(),
                    "note": "PSIS k̂ of each point's weights, from (a)'s first repeat; above 0.7 the delta-method standard "
                            "errors understate the error (heavy-tailed weights), so z-scores there run large."}
-    report = {"benchmark": "evaluate_speed", "machine": machine, "setup": setup, "khat": diagnostics,
+    memory_note = ("peak = VmHWM, the kernel's peak resident set (the counter behind ru_maxrss; it sees torch's "
+                   "allocations, tracemalloc does not and is not used), reset to the current RSS via /proc/self/clear_refs "
+                   "just before the measured evaluate call (after a small warm-up call); growth = peak − RSS just before "
+                   "the call. ru_maxrss itself also keeps the peak of exited threads, so it cannot be reset: it is "
+                   "recorded as lifetime_ru_maxrss_mib.") if args.device == "cpu" else (
+                   "peak = torch.cuda.max_memory_allocated, the most memory in tensors at once (the caching allocator's "
+                   "counter), its statistics reset by torch.cuda.reset_peak_memory_stats just before the measured evaluate "
+                   "call (after a small warm-up call); growth = peak − torch.cuda.memory_allocated just before the call; "
+                   "max_reserved_mib: the most the allocator held from the driver over the call. Host memory is not measured.")
+    report = {"benchmark": "evaluate_speed", "device": args.device, "machine": machine, "setup": setup, "khat": diagnostics,
               "settings": {"points": N, "K": K, "repeats": args.repeats, "block": block, "threads": args.threads, "seed": args.seed,
-                           "tiny": args.tiny},
-              "methods": results, "notes": notes, "memory": memory,
-              "memory_note": "peak = VmHWM, the kernel's peak resident set (the counter behind ru_maxrss; it sees torch's "
-                             "allocations, tracemalloc does not and is not used), reset to the current RSS via /proc/self/clear_refs "
-                             "just before the measured evaluate call (after a small warm-up call); growth = peak − RSS just before "
-                             "the call. ru_maxrss itself also keeps the peak of exited threads, so it cannot be reset: it is "
-                             "recorded as lifetime_ru_maxrss_mib."}
+                           "device": args.device, "hand_batch": args.hand_batch, "tiny": args.tiny},
+              "methods": results, "notes": notes, "memory": memory, "memory_note": memory_note}
     print()
     print(format_table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -564,7 +653,12 @@ def _dist_version(name: str) -> str | None:
 
 def format_table(report: dict) -> str:
     s = report["settings"]
-    lines = [f"log p(x), importance sampled, K = {s['K']}, {s['points']} points, {s['threads']} torch threads, {report['machine']['cpu']}",
+    device = report["device"] if report["machine"].get("cuda") is None else f"{report['device']} ({report['machine']['cuda']})"
+    a, b = report["methods"]["pyrovae"]["options"], report["methods"]["pytorch"]["options"]
+    lines = [f"log p(x), importance sampled, K = {s['K']}, {s['points']} points, on {device}, {s['threads']} torch threads, "
+             f"{report['machine']['cpu']}",
+             f"points per pass: (a) {a['points_per_pass']}" + (" (evaluate's default for the device)" if a["batch_size"] is None else "")
+             + f", compiled {a['compiled']}; (b) {b['points_per_pass']}, {b['chunk']} draws at a time; (c), (d) one point per call",
              f"points/s: median of {s['repeats']} repeats; × (b): median over blocks of {s['block']} points of (b)'s time / the method's",
              f"{'method':<40} {'points/s':>9} {'× (b)':>6}  {'log p(x) mean ± s.e.':>21}  {'mean Δ vs (b)':>13}  {'max |z| vs (b): all, k̂≤0.7':>27}"]
     for name, m in report["methods"].items():
@@ -582,8 +676,12 @@ def format_table(report: dict) -> str:
                      f"{m['samples_per_point_used']:.0f} samples and encoded {m['encoder_rows_per_point']:.0f} rows per point; "
                      f"its recorded log-weights reproduce its value to {m['check']['max_abs_diff_recorded_vs_get_nll']:.1e} nats")
     if report["memory"]:
-        lines.append("peak memory of (a), fresh process each (peak RSS during the call, VmHWM reset before it):")
-        lines.append(f"  {'K':>5} {'chunk':>6} {'peak RSS MiB':>13} {'growth MiB':>11}")
+        if report["device"] == "cpu":
+            lines.append("peak memory of (a), fresh process each (peak RSS during the call, VmHWM reset before it):")
+            lines.append(f"  {'K':>5} {'chunk':>6} {'peak RSS MiB':>13} {'growth MiB':>11}")
+        else:
+            lines.append("peak CUDA memory of (a), fresh process each (torch.cuda.max_memory_allocated during the call):")
+            lines.append(f"  {'K':>5} {'chunk':>6} {'peak MiB':>13} {'growth MiB':>11}")
         for r in report["memory"]:
             lines.append(f"  {r['K']:>5} {r['chunk_size']:>6} {r['peak_mib']:>13.0f} {r['growth_mib']:>11.0f}")
     lines.append("s.e. across points (data variation); z: per-point difference over the combined Monte Carlo standard errors.")

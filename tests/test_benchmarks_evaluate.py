@@ -90,6 +90,7 @@ REPORT_BREAKS = {  # name → a mutation of a correct report, and the start of t
 def test_evaluate_speed_tiny_runs_and_methods_agree(tiny_report, variant):
     report, printed = tiny_report
     assert "(a) pyrovae evaluate" in printed
+    assert report["device"] == "cpu" and "on cpu" in printed
     assert report["machine"]["torch_threads"] == report["settings"]["threads"]
     mutate, expected = REPORT_BREAKS[variant]
     problems = report_problems(mutate(report))
@@ -97,3 +98,13 @@ def test_evaluate_speed_tiny_runs_and_methods_agree(tiny_report, variant):
         assert problems == []
     else:
         assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_evaluate_speed_device_cuda_without_cuda_is_a_usage_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as exited:
+        load_benchmark().parse_args(["--tiny", "--device", "cuda"])
+    assert exited.value.code == 2 and "--device cuda: CUDA is not available here" in capsys.readouterr().err
