@@ -49,7 +49,7 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
         Σ_d (z_d − μ_kd)² / σ_kd² = z² · σ_k⁻² − 2 z · (μ_k σ_k⁻²) + Σ_d μ_kd² σ_kd⁻²,
 
     three (…, D) × (D, K) matrix products, in float64 so that the cancellation between its terms
-    costs no precision (the result is cast back to z's dtype). The same density, value and
+    costs no precision (the result is cast back to the dtype of z and the parameters). The same density, value and
     gradients, as ``MixtureSameFamily`` (tested); 6× faster for the VampPrior's 500 components.
     """
 
@@ -65,12 +65,13 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
         quadratic = (z * z) @ precision.T - 2 * z @ (loc * precision).T + (loc * loc * precision).sum(-1)  # (..., K)
         log_normalizer = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)  # (K,)
         log_p = torch.logsumexp(torch.log_softmax(logits.double(), -1) - log_normalizer - 0.5 * quadratic, -1)
-        return log_p.to(value.dtype).expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
+        dtype = torch.promote_types(value.dtype, normal.loc.dtype)
+        return log_p.to(dtype).expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
 
 
 def _unexpanded(t: torch.Tensor, dims: int) -> torch.Tensor:
     """t without the leading dimensions that ``expand`` added (stride 0), down to ``dims`` dimensions."""
-    while t.dim() > dims and t.stride(0) == 0:
+    while t.dim() > dims and t.stride(0) == 0 and t.size(0) > 0:
         t = t[0]
     return t
 

@@ -96,6 +96,7 @@ TARGET_ACCEPT = 0.65
 ADAPT_FACTOR = 1.02
 TUNE_CHAINS = 2
 PASS_SIZE = 4096  # chains × points per pass when the batch size is not given
+AIS_STREAM = (0, 1)  # the key of AIS's draws under a seed, apart from the importance sampling's (see batch_seed)
 CAPTURE_MIN_EVALUATIONS = 500  # capture="auto" traces the density when a pass evaluates it at least this often
 log = logging.getLogger(__name__)
 
@@ -662,7 +663,7 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
             xb = x[rows]
             B = len(xb)
             if seed is not None:
-                torch.manual_seed(batch_seed(seed, first_row + begin))
+                torch.manual_seed(batch_seed(seed, first_row + begin, *AIS_STREAM))
             on_step = (lambda: bar.update(B / (s.num_steps - 1))) if progress else None
             eps0 = torch.full((B,), float(s.step_size), dtype=torch.float64, device=x.device)
             path = _Path(model, guide, xb, C, s.start, args, {})

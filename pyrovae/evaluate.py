@@ -127,11 +127,10 @@ def compile_pays(num_points: int, num_samples: int, device) -> bool:
     return torch.device(device).type == "cpu" and num_points * num_samples >= COMPILE_MIN_DRAWS
 
 
-def batch_seed(seed: int, row: int, chunk: int | None = None) -> int:
-    """The seed of the draws for the batch that starts at ``row`` (the ELBO pass), or of its
-    ``chunk``-th chunk of importance samples."""
-    key = [seed, row] if chunk is None else [seed, row, 1 + chunk]
-    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
+def batch_seed(seed: int, row: int, *stream: int) -> int:
+    """The seed of the draws for the batch that starts at ``row``: its ELBO pass (no ``stream``),
+    its chunk c of importance samples (``stream`` = (1 + c,)), AIS (0, 1), BDMC (0, 2)."""
+    return int(np.random.SeedSequence([seed, row, *stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def importance_log_weights(
@@ -148,17 +147,19 @@ def importance_log_weights(
     if chunk_size < 1:
         raise PyrovaeError(f"the chunk size must be at least 1, got {chunk_size}")
     rank, size = shard
+    if size > 1 and seed is None:
+        raise PyrovaeError("sharing the chunks of particles among processes needs a seed: unseeded, the processes would draw the same samples")
     starts = range(0, num_samples, chunk_size)
     mine = {}
     for c, start in enumerate(starts):
         if c % size != rank:
             continue
         if seed is not None:
-            torch.manual_seed(batch_seed(seed, row, c))
+            torch.manual_seed(batch_seed(seed, row, 1 + c))
         k = min(chunk_size, num_samples - start)
         mine[c] = log_weights(model, guide, x, k, analytic_kl=False, compiled=compiled).log_w.double()
-        if on_chunk is not None:
-            on_chunk(k * size)
+        if on_chunk is not None:  # this chunk and the others' of the same round
+            on_chunk(min(start + size * chunk_size, num_samples) - start)
     if size > 1:
         from . import distributed
         for part in distributed.all_gather({c: w.cpu() for c, w in mine.items()}):

@@ -106,6 +106,16 @@ def test_evaluate_batching_does_not_change_the_estimates(trained_digits_vae):
     assert z.abs().max() < 3.5
 
 
+def test_seeded_chunks_of_importance_samples_are_the_same_whatever_the_pass_shape(trained_digits_vae):
+    """Under a seed, the log-weights of chunk c depend on the seed, the row and c only."""
+    vae, x = trained_digits_vae
+    a = evaluate(vae.model, vae.guide, x[:6], num_samples=60, chunk_size=20, batch_size=3, seed=4, keep_log_weights=True)
+    b = evaluate(vae.model, vae.guide, x[3:6], num_samples=60, chunk_size=20, batch_size=3, seed=4, first_row=3, keep_log_weights=True)
+    assert torch.equal(a.log_w[:, 3:], b.log_w)
+    c = evaluate(vae.model, vae.guide, x[:6], num_samples=60, chunk_size=30, batch_size=3, seed=4, keep_log_weights=True)
+    assert torch.equal(a.elbo.value, c.elbo.value) and not torch.equal(a.log_w, c.log_w)
+
+
 def test_inference_data_export(trained_digits_vae, tmp_path):
     vae, x = trained_digits_vae
     result = evaluate(vae.model, vae.guide, x[:5], num_samples=100, keep_log_weights=True)
@@ -120,7 +130,9 @@ def test_inference_data_export(trained_digits_vae, tmp_path):
     ({"num_samples": 0}, "-k must be at least 1"),
     ({"particles_elbo": 0}, "particles-elbo must be at least 1"),
     ({"batch_size": 0}, "batch size must be at least 1"),
-], ids=["k=0", "elbo-particles=0", "batch=0"])
+    ({"chunk_size": 0}, "chunk size must be at least 1"),
+    ({"particle_shard": (0, 2)}, "needs a seed"),
+], ids=["k=0", "elbo-particles=0", "batch=0", "chunk=0", "sharded-unseeded"])
 def test_evaluate_rejects_bad_arguments(trained_digits_vae, kwargs, message):
     vae, x = trained_digits_vae
     with pytest.raises(ValueError, match=message):

@@ -300,6 +300,9 @@ def test_the_capture_mode_is_recorded_and_can_change_on_resume(tmp_path, monkeyp
     assert main(["train", "--resume", "--epochs", "2", "--capture", "graph", "--out", "run", *SMALL[-1:]]) == 0
     assert "resuming with epochs 2, capture graph" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["capture"] == "graph"
+    assert main(["train", "--resume", "--epochs", "3", "--capture", "off", "--out", "run", *SMALL[-1:]]) == 0
+    assert "capture False" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["capture"] is False
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, monkeypatch, capsys):

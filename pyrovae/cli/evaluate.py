@@ -23,11 +23,12 @@ import torch
 
 from pyrovae import ais as ais_, distributed, latents
 from pyrovae.errors import PyrovaeError
-from pyrovae.evaluate import DEFAULT_IWAE_KS, cat, default_batch_size, evaluate, to_inference_data
+from pyrovae.evaluate import DEFAULT_IWAE_KS, batch_seed, cat, compile_pays, default_batch_size, evaluate, to_inference_data
 from pyrovae.run import resolve_device
 
 from .common import add_run_argument, open_run, writable_file
 
+BDMC_STREAM, LATENT_STREAM = (0, 2), (0, 3)  # keys of their draws under --seed (see batch_seed)
 SHARD_CHUNK = 500  # importance samples per chunk under --shard-particles when --chunk-size is not given
 
 
@@ -106,6 +107,8 @@ def _run(args, options: dict) -> int:
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
     batch = default_batch_size(args.samples, device) if args.batch_size is None else args.batch_size
+    if args.compile == "auto":  # decided for all the points, not for each process's share
+        args.compile = compile_pays(len(x), args.samples, device)
     shard_particles = args.shard_particles and size > 1
     chunk = SHARD_CHUNK if args.shard_particles and args.chunk_size is None else args.chunk_size
     rows = slice(0, len(x)) if shard_particles else block(len(x), batch)
@@ -130,6 +133,7 @@ def _run(args, options: dict) -> int:
     processes = f", {size} processes" if size > 1 else ""
     print(f"{run_.path}: {args.split} split, {len(x)} points, {seconds:.1f} s ({len(x) / seconds:.1f} points/s{processes})")
     print(result.table())
+    torch.manual_seed(batch_seed(args.seed, 0, *LATENT_STREAM))  # a guide without a closed-form mean is sampled
     means = torch.cat([m.reshape(len(x), -1) for m in latents.latent_means(module.guide, x).values()], 1)
     activity, active = latents.active_units(means)
     print(f"active units: {int(active.sum())} of {active.numel()} latent dimensions (Cov_x E_q[z_u | x] > {latents.ACTIVITY_THRESHOLD})")
@@ -138,6 +142,7 @@ def _run(args, options: dict) -> int:
         print(ais_result.table())
     if args.bdmc:
         start = time.perf_counter()
+        torch.manual_seed(batch_seed(args.seed, 0, *BDMC_STREAM))
         bdmc_result = ais_.bdmc(module.model, module.guide, x, progress=not args.no_progress, **options)
         bdmc_seconds = time.perf_counter() - start
         print(f"\nBDMC, {bdmc_seconds:.1f} s")

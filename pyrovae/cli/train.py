@@ -42,7 +42,7 @@ DEFAULTS = {"dataset": "digits", "model": factory.BUILTIN, "epochs": 100, "batch
             "particles": 1, "seed": 0, "device": "cpu", "objective": "elbo", "beta": 1.0, "warmup_epochs": 0,
             "skip_nonfinite": 0, "validation_fraction": 0.1, "lr_schedule": "none"}
 MODEL_OPTIONS = ("latent_dim", "hidden", "activation", "likelihood", "prior", "guide", "network")  # model arguments
-CAPTURE_MODES = ("auto", "graph", "inductor", "cuda-graph")
+CAPTURE_MODES = ("auto", "graph", "inductor", "cuda-graph", "off")
 CHANGEABLE_ON_RESUME = ("epochs", "lr", "device", "clip_grad", "skip_nonfinite", "checkpoint_every", "early_stopping", "capture")
 FIXED_ON_RESUME = ("dataset", "data_dir", "download", "binarize", "model", "model_arg", *MODEL_OPTIONS,
                    "batch_size", "particles", "seed", "objective", "beta", "warmup_epochs",
@@ -132,7 +132,7 @@ def add_parser(sub) -> None:
                    help="trace the training step once per batch shape and replay it (objective elbo; "
                         "a model whose Python takes other branches from step to step must not use it); MODE: auto (the "
                         "device's default: graph on CPU, cuda-graph on CUDA), graph, inductor (fastest per step, "
-                        "10-25 s to compile per batch shape), cuda-graph")
+                        "10-25 s to compile per batch shape), cuda-graph; off (on --resume: stop capturing)")
     g.add_argument("--clip-grad", type=positive(float), help="clip the gradient's total norm to this value")
     g.add_argument("--skip-nonfinite", type=non_negative_int, help="skip up to N steps whose loss or gradient is not finite "
                    "(counted in metrics) before stopping (default: 0)")
@@ -200,7 +200,7 @@ def new_run(args, out: Path) -> tuple[Run, object]:
         model["file"] = {"original": source, "copy": MODEL_FILE, "sha256": factory.sha256(source)}
     train = TrainConfig(given(args, "epochs"), given(args, "batch_size"), given(args, "lr"), given(args, "particles"), seed,
                         given(args, "objective"), given(args, "beta"), given(args, "warmup_epochs"), args.clip_grad,
-                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping, args.capture or False)
+                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping, args.capture not in (None, "off") and args.capture)
     config = {
         "model": model,
         "data": {"dataset": dataset, "data_dir": absolute(args.data_dir), "download": bool(args.download),
@@ -224,10 +224,10 @@ def apply_resume_options(args, run_: Run) -> None:
         train["epochs"] = args.epochs
         changed.append(f"epochs {args.epochs}")
     for name in ("lr", "clip_grad", "skip_nonfinite", "early_stopping", "capture"):
-        value = getattr(args, name)
+        value = False if name == "capture" and args.capture == "off" else getattr(args, name)
         if value is not None and value != train.get(name):
             train[name] = value
-            changed.append(f"{name.replace('_', ' ')} {value if isinstance(value, str) else format(value, 'g')}")
+            changed.append(f"{name.replace('_', ' ')} {value if isinstance(value, (str, bool)) else format(value, 'g')}")
     if changed:
         print(f"resuming with {', '.join(changed)} (recorded in {run_.path / 'config.json'})")
 
