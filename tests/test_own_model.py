@@ -163,7 +163,9 @@ def test_list_names_every_builtin_component(capsys):
     from pyrovae.guides import GUIDES
     from pyrovae.models import LIKELIHOODS, PRIORS
 
+    from pyrovae.models.vae import NETWORKS
+
     out = run_ok(["list"], capsys)
-    for registry in (PRIORS, LIKELIHOODS, GUIDES):
-        for name in registry.names():
+    for names in (PRIORS.names(), LIKELIHOODS.names(), GUIDES.names(), NETWORKS):
+        for name in names:
             assert any(line.split()[:1] == [name] for line in out.splitlines()), name

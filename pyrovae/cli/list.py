@@ -1,4 +1,4 @@
-"""``pyrovae list``: the built-in priors, likelihoods, guides and models, one line each."""
+"""``pyrovae list``: the built-in priors, likelihoods, guides, networks and models, one line each."""
 
 from __future__ import annotations
 
@@ -19,4 +19,11 @@ def run(args) -> int:
         width = max(len(name) for name, _ in entries)
         for name, sentence in entries:
             print(f"  {name:<{width}}  {sentence}")
+    print("networks (--network)")
+    for name, sentence in NETWORKS:
+        print(f"  {name:<4}  {sentence}")
     return 0
+
+
+NETWORKS = [("mlp", "multilayer perceptrons, the decoder's hidden sizes from --hidden, the encoder mirroring them"),
+            ("conv", "a convolutional encoder and decoder for 28 × 28 single-channel images")]
