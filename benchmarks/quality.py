@@ -33,6 +33,7 @@ CONFIGS = {
     "vae": ({}, "elbo", 1, 0),
     "vae-captured": ({}, "elbo", 1, 0),  # the same, with the step captured (pyrovae train --capture)
     "vae-warmup": ({}, "elbo", 1, 10),
+    "vae-mean-field": ({}, "mean-field", 1, 0),  # TraceMeanField_ELBO: the analytic KL, as the hand-written VAE
     "iwae5": ({}, "iwae", 5, 0),
     "iwae5-dreg": ({}, "iwae-dreg", 5, 0),
     "vamp": ({"prior": "vamp"}, "elbo", 1, 0),
@@ -100,10 +101,11 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
         parameters = list(params.trainable(model.model, model.guide, batches.peek(8)).values())
     optimizer = make_optimizer(parameters, 1e-3)
     captured = None
-    if name == "vae-captured" or (args.capture and name != "handwritten" and CONFIGS[name][1] == "elbo"):
+    objective = "elbo" if name == "handwritten" else CONFIGS[name][1]
+    if name == "vae-captured" or (args.capture and name != "handwritten" and objective in ("elbo", "mean-field")):
         from pyrovae.capture import CapturedStep
 
-        captured = CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)})
+        captured = CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)}, objective=objective)
     if captured is not None:
         print(f"{name}: step captured ({captured.mode})")
     deadline = time.perf_counter() + 60 * args.minutes
@@ -162,7 +164,7 @@ def main(argv=None) -> None:
     p.add_argument("-k", "--samples", type=int, default=5000, help="importance samples per test point")
     p.add_argument("--test-points", type=int, help="evaluate only the first N test points")
     p.add_argument("--capture", action="store_true",
-                   help="capture the step of every configuration trained with the ELBO (pyrovae train --capture)")
+                   help="capture the step of every configuration trained with the ELBO or its mean-field form (pyrovae train --capture)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)

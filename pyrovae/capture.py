@@ -67,7 +67,9 @@ from typing import Callable, NamedTuple
 
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_identically_zero
+from torch.distributions import kl_divergence
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .context import fast_context
@@ -78,6 +80,18 @@ from .train import TrainingDiverged, train_step
 log = logging.getLogger(__name__)
 
 MODES = ("graph", "inductor", "cuda-graph", "eager")
+OBJECTIVES = ("elbo", "mean-field")  # Trace_ELBO, TraceMeanField_ELBO
+
+
+def _kl_sum(guide_site: dict, model_site: dict) -> torch.Tensor | None:
+    """KL(q ‖ p) of a latent site summed over its batch, scaled and masked as the guide site is
+    (``TraceMeanField_ELBO``'s term); None where ``kl_divergence`` has no closed form."""
+    try:
+        kl = kl_divergence(guide_site["fn"], model_site["fn"])
+    except NotImplementedError:
+        return None
+    kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+    return kl.sum() if torch.is_tensor(kl) else kl * torch.Size(guide_site["fn"].batch_shape).numel()
 
 
 def default_mode(device: torch.device | str) -> str:
@@ -109,7 +123,9 @@ class CapturedStep:
     """
 
     def __init__(self, model: Callable, guide: Callable, params: dict[str, torch.Tensor], num_particles: int = 1,
-                 beta: float = 1.0, mode: str | None = None):
+                 beta: float = 1.0, mode: str | None = None, objective: str = "elbo"):
+        if objective not in OBJECTIVES:
+            raise PyrovaeError(f"a captured step computes the objectives {', '.join(OBJECTIVES)}, not {objective!r}")
         if num_particles < 1:
             raise PyrovaeError(f"the number of particles must be at least 1, got {num_particles}")
         self.model, self.guide = model, guide
@@ -124,7 +140,8 @@ class CapturedStep:
         self.num_particles = num_particles
         self.beta = beta
         self._elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
-        self._eager_loss = objective_loss("elbo", model, guide, num_particles, beta)
+        self.mean_field = objective == "mean-field"
+        self._eager_loss = objective_loss(objective, model, guide, num_particles, beta)
         self.captures: dict[tuple, Callable] = {}  # input signature → the replayed step
         self.graphs: dict[tuple, torch.fx.GraphModule] = {}  # input signature → the traced graph
         self.failure: str | None = None  # why capture failed (the step then runs eagerly)
@@ -138,19 +155,27 @@ class CapturedStep:
 
     def surrogate(self, args: tuple, beta: torch.Tensor | float) -> torch.Tensor:
         """``Trace_ELBO``'s differentiable loss at ``model(*args)``/``guide(*args)`` for a
-        reparameterized guide, without its host syncs (``.item()``); β on the latent sites."""
+        reparameterized guide, without its host syncs (``.item()``); β on the latent sites. With
+        the objective ``"mean-field"``, ``TraceMeanField_ELBO``'s: a latent site whose KL(q ‖ p) has
+        a closed form contributes −β KL instead of β (log p(z) − log q(z))."""
         total = 0.0
         for model_trace, guide_trace in self._elbo._get_traces(self.model, self.guide, args, {}):
-            elbo = 0.0
-            for site in model_trace.nodes.values():
-                if site["type"] == "sample":
+            elbo, analytic = 0.0, set()
+            for name, site in model_trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                kl = None if site["is_observed"] or not self.mean_field else _kl_sum(guide_trace.nodes[name], site)
+                if kl is not None:
+                    elbo = elbo - beta * kl
+                    analytic.add(name)
+                else:
                     elbo = elbo + (site["log_prob_sum"] if site["is_observed"] else beta * site["log_prob_sum"])
             for name, site in guide_trace.nodes.items():
                 if site["type"] == "sample":
                     _, score_function, entropy = site["score_parts"]
                     if not is_identically_zero(score_function):
                         raise NotCapturable(f"guide site {name!r} is not reparameterized (Trace_ELBO adds a score-function term)")
-                    if not is_identically_zero(entropy):
+                    if name not in analytic and not is_identically_zero(entropy):
                         elbo = elbo - (entropy.sum() if site["is_observed"] else beta * entropy.sum())
             total = total - elbo / self._elbo.num_particles
         return total

@@ -47,8 +47,8 @@ class TrainConfig:
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before training stops
     lr_schedule: str = "none"  # none, cosine (to 0 at the last epoch) or plateau (halve after 5 epochs without progress)
     early_stopping: int | None = None  # stop after this many epochs without a better validation ELBO
-    capture: bool | str = False  # trace the step once per batch shape and replay it (pyrovae.capture; objective "elbo"
-    # only): True or "auto" for the device's default mode, or a mode of pyrovae.capture.MODES
+    capture: bool | str = False  # trace the step once per batch shape and replay it (pyrovae.capture; objectives "elbo"
+    # and "mean-field"): True or "auto" for the device's default mode, or a mode of pyrovae.capture.MODES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,12 +220,12 @@ def fit(
         optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
     loss_fn = objective_loss(config.objective, module.model, module.guide, config.num_particles, config.beta)
     captured = None
-    if config.capture and config.objective == "elbo":
+    if config.capture and config.objective in ("elbo", "mean-field"):
         from .capture import CapturedStep
 
         trained = {str(i): p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         mode = None if config.capture in (True, "auto") else config.capture
-        captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta, mode)
+        captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta, mode, config.objective)
     test_loss = elbo_loss(module.model, module.guide, config.num_particles)
     history = []
     state = resume_from or Progress(epoch=start_epoch + 1)
