@@ -62,7 +62,6 @@ eager pyrovae step is 1.18–1.28×):
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -75,7 +74,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .context import fast_context
 from .errors import PyrovaeError
 from .objectives import loss as objective_loss
-from .train import TrainingDiverged, train_step
+from .train import check_loss, train_step, update
 
 log = logging.getLogger(__name__)
 
@@ -316,31 +315,14 @@ class CapturedStep:
             return train_step(self._eager_loss, optimizer, x, *args, clip_grad=clip_grad, norms=norms, sync=sync)
         optimizer.zero_grad(set_to_none=True)
         check, (loss, grads, norm) = self._run(x, args)
-        if sync is None:
-            if check is None:  # capture failed just now: the result is eager
-                check = torch.stack([loss.to(torch.float64), norm.to(torch.float64)])
-            value, norm_value = check.tolist()
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
-            for p, g in zip(self._leaves, grads):
-                p.grad = g
-        else:  # several processes: every one reaches the collective, and all decide on the sums
-            for p, g in zip(self._leaves, grads):
-                p.grad = g
-            value = sync(loss)
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
-            norm = torch.nn.utils.get_total_norm([p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
-            norm_value = norm.item()
-        if not math.isfinite(norm_value):
-            raise TrainingDiverged(f"the gradient became {norm_value} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
-        if norms is not None:
-            norms.append(norm_value)
-        if clip_grad is not None:
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
-        optimizer.step()
-        return value
+        for p, g in zip(self._leaves, grads):
+            p.grad = g
+        if sync is not None:  # several processes: every one reaches the collective, and all decide on the sums
+            return update(optimizer, check_loss(sync(loss)), clip_grad, norms)
+        if check is None:  # capture failed just now: the result is eager
+            check = torch.stack([loss.to(torch.float64), norm.to(torch.float64)])
+        value, norm_value = check.tolist()
+        return update(optimizer, check_loss(value), clip_grad, norms, norm, norm_value)
 
 
 class _Input(NamedTuple):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import contract, diagnostics, estimators
+from . import contract, diagnostics, distributed, estimators
 from .errors import PyrovaeError
 from .estimators import Estimate, KLEstimate
 from .evidence import log_weights
@@ -161,7 +161,6 @@ def importance_log_weights(
         if on_chunk is not None:  # this chunk and the others' of the same round
             on_chunk(min(start + size * chunk_size, num_samples) - start)
     if size > 1:
-        from . import distributed
         for part in distributed.all_gather({c: w.cpu() for c, w in mine.items()}):
             mine.update({c: w.to(x.device) for c, w in part.items()})
     return torch.cat([mine[c] for c in range(len(starts))])

@@ -138,24 +138,37 @@ def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Ten
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(x, *args)
     if sync is None:
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
+        value = check_loss(loss.item())
         loss.backward()
     else:  # several processes: every one reaches the collective, and all decide on the sums
         loss.backward()
-        value = sync(loss)
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
+        value = check_loss(sync(loss))
+    return update(optimizer, value, clip_grad, norms)
+
+
+def check_loss(value: float) -> float:
+    """``value``, or :class:`TrainingDiverged` if it is nan or infinite."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
+    return value
+
+
+def update(optimizer: torch.optim.Optimizer, value: float, clip_grad: float | None = None, norms: list | None = None,
+           norm: torch.Tensor | None = None, norm_value: float | None = None) -> float:
+    """The optimizer step once the gradients are in ``.grad`` and the loss ``value`` is checked:
+    :class:`TrainingDiverged` if their total norm (``norm``, computed from them when None; read as
+    ``norm_value`` when given) is not finite, else the norm appended to ``norms``, the gradients
+    clipped to ``clip_grad``, the step taken; returns ``value``."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grads = [p.grad for p in params]
-    norm = torch.nn.utils.get_total_norm(grads).item()
-    if not math.isfinite(norm):
-        raise TrainingDiverged(f"the gradient became {norm} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm_value = norm.item() if norm_value is None else norm_value
+    if not math.isfinite(norm_value):
+        raise TrainingDiverged(f"the gradient became {norm_value} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
     if norms is not None:
-        norms.append(norm)
+        norms.append(norm_value)
     if clip_grad is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, torch.tensor(norm))
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
     optimizer.step()
     return value
 

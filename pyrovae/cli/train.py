@@ -200,7 +200,7 @@ def new_run(args, out: Path) -> tuple[Run, object]:
         model["file"] = {"original": source, "copy": MODEL_FILE, "sha256": factory.sha256(source)}
     train = TrainConfig(given(args, "epochs"), given(args, "batch_size"), given(args, "lr"), given(args, "particles"), seed,
                         given(args, "objective"), given(args, "beta"), given(args, "warmup_epochs"), args.clip_grad,
-                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping, args.capture not in (None, "off") and args.capture)
+                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping, capture_setting(args) or False)
     config = {
         "model": model,
         "data": {"dataset": dataset, "data_dir": absolute(args.data_dir), "download": bool(args.download),
@@ -224,7 +224,7 @@ def apply_resume_options(args, run_: Run) -> None:
         train["epochs"] = args.epochs
         changed.append(f"epochs {args.epochs}")
     for name in ("lr", "clip_grad", "skip_nonfinite", "early_stopping", "capture"):
-        value = False if name == "capture" and args.capture == "off" else getattr(args, name)
+        value = capture_setting(args) if name == "capture" else getattr(args, name)
         if value is not None and value != train.get(name):
             train[name] = value
             changed.append(f"{name.replace('_', ' ')} {value if isinstance(value, (str, bool)) else format(value, 'g')}")
@@ -466,6 +466,11 @@ class StopRequest:
         name = signal.Signals(self.signal).name
         raise Interrupted(f"{name}: stopped after {where}, checkpoint written; resume with: "
                           f"pyrovae train --out {shlex.quote(str(run_.path))} --resume", self.CODES[self.signal])
+
+
+def capture_setting(args) -> str | bool | None:
+    """--capture as the config records it: a mode, False for ``off``, None when not given."""
+    return False if args.capture == "off" else args.capture
 
 
 def default_out(dataset: str) -> Path:
