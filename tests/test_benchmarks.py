@@ -131,3 +131,16 @@ def test_quality_benchmark_runs(quality_report, variant):
         assert problems == []
     else:
         assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_quality_cosine_schedule_anneals_to_zero_over_the_budget():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from quality import cosine
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert cosine(2e-3, 0.0, 900.0) == 2e-3
+    assert cosine(2e-3, 450.0, 900.0) == pytest.approx(1e-3, rel=1e-12)
+    assert cosine(2e-3, 225.0, 900.0) == pytest.approx(1e-3 * (1 + math.sqrt(0.5)), rel=1e-12)
+    assert cosine(2e-3, 900.0, 900.0) == pytest.approx(0.0, abs=1e-18)
+    assert cosine(2e-3, 1000.0, 900.0) == pytest.approx(0.0, abs=1e-18)  # past the deadline: no negative rate
