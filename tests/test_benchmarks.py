@@ -144,3 +144,16 @@ def test_quality_cosine_schedule_anneals_to_zero_over_the_budget():
     assert cosine(2e-3, 225.0, 900.0) == pytest.approx(1e-3 * (1 + math.sqrt(0.5)), rel=1e-12)
     assert cosine(2e-3, 900.0, 900.0) == pytest.approx(0.0, abs=1e-18)
     assert cosine(2e-3, 1000.0, 900.0) == pytest.approx(0.0, abs=1e-18)  # past the deadline: no negative rate
+
+
+def test_results_name_paths_relative_to_the_checkout(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import _relative
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    checkout = tmp_path / "repo"
+    settings = {"data_dir": str(tmp_path / "shared" / "data"), "out": [str(checkout / "benchmarks" / "r.json")],
+                "elsewhere": "/usr/lib", "name": "vae", "k": 5000}
+    assert _relative(settings, checkout) == {"data_dir": "../shared/data", "out": ["benchmarks/r.json"],
+                                             "elsewhere": "/usr/lib", "name": "vae", "k": 5000}
