@@ -40,6 +40,7 @@ CONFIGS = {
     "iwae5": ({}, "iwae", 5, 0),
     "iwae5-dreg": ({}, "iwae-dreg", 5, 0),
     "vamp": ({"prior": "vamp"}, "elbo", 1, 0),
+    "vamp-warmup": ({"prior": "vamp"}, "elbo", 1, 10),  # the paper's recipe: KL warm-up (there over 100 epochs)
     "iaf": ({"guide": "iaf"}, "elbo", 1, 0),
     "two-layer": ({"two_layer": True}, "elbo", 1, 0),
     "handwritten": None,
