@@ -4,6 +4,7 @@ Their timings are not checked (they depend on the machine); what each report der
 numbers is: ratios from the timings it reports, and the evidence estimates' identities.
 """
 
+import importlib
 import json
 import math
 import subprocess
@@ -133,12 +134,17 @@ def test_quality_benchmark_runs(quality_report, variant):
         assert any(p.startswith(expected) for p in problems), problems
 
 
-def test_quality_cosine_schedule_anneals_to_zero_over_the_budget():
+def benchmark_module(name: str):
+    """A module of the benchmarks folder (they import each other by plain name)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from quality import cosine
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+def test_quality_cosine_schedule_anneals_to_zero_over_the_budget():
+    cosine = benchmark_module("quality").cosine
     assert cosine(2e-3, 0.0, 900.0) == 2e-3
     assert cosine(2e-3, 450.0, 900.0) == pytest.approx(1e-3, rel=1e-12)
     assert cosine(2e-3, 225.0, 900.0) == pytest.approx(1e-3 * (1 + math.sqrt(0.5)), rel=1e-12)
@@ -147,11 +153,7 @@ def test_quality_cosine_schedule_anneals_to_zero_over_the_budget():
 
 
 def test_results_name_paths_relative_to_the_checkout(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import _relative
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    _relative = benchmark_module("common")._relative
     checkout = tmp_path / "repo"
     settings = {"data_dir": str(tmp_path / "shared" / "data"), "out": [str(checkout / "benchmarks" / "r.json")],
                 "elsewhere": "/usr/lib", "name": "vae", "k": 5000}
