@@ -119,9 +119,9 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
     if captured is not None:
         print(f"{name}: step captured ({captured.mode})")
     budget = 60 * args.minutes
-    deadline = time.perf_counter() + budget
     anneal = args.lr_schedule == "cosine" and not args.full
     start, epochs, steps, last = time.perf_counter(), 0, 0, float("nan")
+    deadline = start + budget
     with fast_context():
         for stage_epochs, lr in schedule(args):
             for group in optimizer.param_groups:
