@@ -27,8 +27,9 @@ from pyrovae import params
 from pyrovae.data import Batches, load_dataset, static_binarized
 from pyrovae.evaluate import evaluate
 from pyrovae.models import two_layer, vae
+from pyrovae.nn import ACTIVATIONS
 from pyrovae.objectives import loss as objective_loss, warmup_scale
-from pyrovae.train import fast_context, make_optimizer, train_step
+from pyrovae.train import CAPTURED_OBJECTIVES, fast_context, make_optimizer, train_step
 
 # name: (model factory arguments, objective, particles, warm-up epochs); "handwritten" is plain PyTorch
 CONFIGS = {
@@ -71,10 +72,10 @@ def cosine(lr: float, elapsed: float, budget: float) -> float:
 class HandWritten(nn.Module):
     """The same VAE in plain PyTorch: analytic KL, Bernoulli log-likelihood from the logits."""
 
-    def __init__(self, sizes: list[int], latent: int):
+    def __init__(self, sizes: list[int], latent: int, activation: str = "tanh"):
         super().__init__()
         def mlp(dims):
-            layers = [m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.Tanh())]
+            layers = [m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), ACTIVATIONS[activation]())]
             return nn.Sequential(*layers[:-1])
         self.encoder = mlp([sizes[0], *sizes[1:], 2 * latent])
         self.decoder = mlp([latent, *sizes[1:][::-1], sizes[0]])
@@ -89,17 +90,17 @@ class HandWritten(nn.Module):
         return kl - log_px
 
 
-def build(name: str, dim: int, tiny: bool):
+def build(name: str, dim: int, tiny: bool, activation: str = "tanh"):
     """(model or HandWritten, loss function, parameters) for a configuration."""
     hidden, latent = ((32, 32), 8) if tiny else ((200, 200), 50)
     if name == "handwritten":
-        net = HandWritten([dim, *hidden], latent)
+        net = HandWritten([dim, *hidden], latent, activation)
         return net, net.loss, list(net.parameters())
     model_args, objective, particles, _ = CONFIGS[name]
     if model_args.get("two_layer"):
         model = two_layer(dim) if not tiny else two_layer(dim, top_dim=4, bottom_dim=8, hidden=(32, 32), top_hidden=(16, 16))
     else:
-        model = vae(dim, latent_dim=latent, hidden=hidden, activation="tanh", **model_args)
+        model = vae(dim, latent_dim=latent, hidden=hidden, activation=activation, **model_args)
     return model, objective_loss(objective, model.model, model.guide, particles), None
 
 
@@ -112,10 +113,12 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
     optimizer = make_optimizer(parameters, args.lr)
     captured = None
     objective = "elbo" if name == "handwritten" else CONFIGS[name][1]
-    if name == "vae-captured" or (args.capture and name != "handwritten" and objective in ("elbo", "mean-field")):
+    if name == "vae-captured" or (args.capture and name != "handwritten" and objective in CAPTURED_OBJECTIVES):
         from pyrovae.capture import CapturedStep
 
-        captured = CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)}, objective=objective)
+        mode = None if args.capture in (None, "auto") else args.capture
+        captured = CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)},
+                                objective=objective, mode=mode)
     if captured is not None:
         print(f"{name}: step captured ({captured.mode})")
     budget = 60 * args.minutes
@@ -184,8 +187,11 @@ def main(argv=None) -> None:
                         "anneals over --epochs)")
     p.add_argument("-k", "--samples", type=int, default=5000, help="importance samples per test point")
     p.add_argument("--test-points", type=int, help="evaluate only the first N test points")
-    p.add_argument("--capture", action="store_true",
-                   help="capture the step of every configuration trained with the ELBO or its mean-field form (pyrovae train --capture)")
+    p.add_argument("--capture", nargs="?", const="auto", choices=("auto", "graph", "inductor", "cuda-graph"),
+                   help="capture the step of every configuration trained with the ELBO, its mean-field form or the IWAE bound, "
+                        "in this mode (pyrovae train --capture MODE; auto: graph on the CPU)")
+    p.add_argument("--activation", choices=list(ACTIVATIONS), default="tanh",
+                   help="the networks' activation, for every configuration (the hand-written one included)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -203,7 +209,7 @@ def main(argv=None) -> None:
     rows = []
     for name in args.configs:
         torch.manual_seed(args.seed)
-        model, loss_fn, parameters = build(name, data.dim, args.tiny)
+        model, loss_fn, parameters = build(name, data.dim, args.tiny, args.activation)
         model = model.to(device)
         batches = Batches(data.train, args.batch_size, "dynamic", seed=args.seed, device=device)
         training = train(name, model, loss_fn, parameters, batches, args)
@@ -225,7 +231,7 @@ def main(argv=None) -> None:
         print(f"{name:<60} {value:>8.2f}")
     write_json({
         "benchmark": "quality",
-        "protocol": "dynamically binarized MNIST; 784-200-200-50 tanh networks; "
+        "protocol": f"dynamically binarized MNIST; 784-200-200-50 {args.activation} networks; "
                     f"Adam {args.lr:g}{', cosine-annealed to 0 over the budget' if args.lr_schedule == 'cosine' else ''}, "
                     f"batch {args.batch_size}; test set binarized once; "
                     f"log p(x) by importance sampling with K = {args.samples}",

@@ -12,6 +12,11 @@ with each site's ``log_prob_sum`` (scaled as Pyro scales it: plates, subsampling
 sites as :class:`pyrovae.objectives.scale_latents` puts it. Its value and gradients are those of
 ``Trace_ELBO(num_particles=K, vectorize_particles=K > 1, max_plate_nesting=1).differentiable_loss``.
 
+With ``objective="iwae"`` the loss is the IWAE bound's, −Σ_n [logsumexp_i log w_i(x_n) − log k] on
+k = ``num_particles`` draws per point, computed by :class:`pyrovae.objectives.Loss` from the
+engine's per-site log-weights (:func:`pyrovae.evidence.site_log_probs`); the captured step equals
+the eager ``--objective iwae`` step on the same draws. (``iwae-dreg`` is not captured: it runs eagerly.)
+
 The graph's inputs are the batch (and any further tensor arguments of the model and guide), β as a
 0-d tensor, and the live parameter tensors themselves, the unconstrained leaves of
 :func:`pyrovae.params.trainable`. Nothing is swapped for copies: ``make_fx`` tracks its input
@@ -74,12 +79,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .context import fast_context
 from .errors import PyrovaeError
 from .objectives import loss as objective_loss
-from .train import check_loss, train_step, update
+from .train import CAPTURED_OBJECTIVES, check_loss, train_step, update
 
 log = logging.getLogger(__name__)
 
 MODES = ("graph", "inductor", "cuda-graph", "eager")
-OBJECTIVES = ("elbo", "mean-field")  # Trace_ELBO, TraceMeanField_ELBO
+OBJECTIVES = CAPTURED_OBJECTIVES  # Trace_ELBO, TraceMeanField_ELBO, the IWAE bound
 
 
 def _kl_sum(guide_site: dict, model_site: dict) -> torch.Tensor | None:
@@ -139,6 +144,7 @@ class CapturedStep:
         self.num_particles = num_particles
         self.beta = beta
         self._elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+        self.objective = objective
         self.mean_field = objective == "mean-field"
         self._eager_loss = objective_loss(objective, model, guide, num_particles, beta)
         self.captures: dict[tuple, Callable] = {}  # input signature → the replayed step
@@ -156,7 +162,10 @@ class CapturedStep:
         """``Trace_ELBO``'s differentiable loss at ``model(*args)``/``guide(*args)`` for a
         reparameterized guide, without its host syncs (``.item()``); β on the latent sites. With
         the objective ``"mean-field"``, ``TraceMeanField_ELBO``'s: a latent site whose KL(q ‖ p) has
-        a closed form contributes −β KL instead of β (log p(z) − log q(z))."""
+        a closed form contributes −β KL instead of β (log p(z) − log q(z)). With ``"iwae"``, the
+        IWAE bound's loss −Σ_n L_k(x_n) as :class:`pyrovae.objectives.Loss` computes it, k = ``num_particles``."""
+        if self.objective == "iwae":
+            return -self._eager_loss.iwae(*args, beta=beta).sum()
         total = 0.0
         for model_trace, guide_trace in self._elbo._get_traces(self.model, self.guide, args, {}):
             elbo, analytic = 0.0, set()

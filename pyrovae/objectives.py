@@ -91,7 +91,7 @@ def warmup_scale(epoch: int, step: int, steps_per_epoch: int, warmup_epochs: flo
 def _log_w(terms: SiteLogProbs, beta: float) -> torch.Tensor:
     """log p(x|z) + β (log p(z) − log q(z|x)), (K, N)."""
     log_lik = sum(terms.log_likelihood.values())
-    if beta == 0:
+    if not torch.is_tensor(beta) and beta == 0:
         return log_lik
     return log_lik + beta * (sum(terms.log_prior.values()) - sum(terms.log_q.values()))
 
@@ -148,8 +148,8 @@ class Loss:
             return -self.iwae(x, *args, beta=beta, **kwargs).sum()
         return self._dreg(x, *args, beta=beta, **kwargs)
 
-    def iwae(self, x: torch.Tensor, *args, beta: float = 1.0, **kwargs) -> torch.Tensor:
-        """L_k(x_n) on one set of k draws per point, differentiable, (N,)."""
+    def iwae(self, x: torch.Tensor, *args, beta: float | torch.Tensor = 1.0, **kwargs) -> torch.Tensor:
+        """L_k(x_n) on one set of k draws per point, differentiable, (N,); ``beta`` may be a 0-d tensor."""
         k = self.num_particles
         terms = site_log_probs(self.model, self.guide, x, k, *args, analytic_kl=False, **kwargs)
         return torch.logsumexp(_log_w(terms, beta), 0) - math.log(k)

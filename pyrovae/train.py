@@ -107,6 +107,7 @@ class Monitor:
 
 
 LR_SCHEDULES = ("none", "cosine", "plateau")
+CAPTURED_OBJECTIVES = ("elbo", "mean-field", "iwae")  # what pyrovae.capture.CapturedStep computes; others run eagerly
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
@@ -233,7 +234,7 @@ def fit(
         optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
     loss_fn = objective_loss(config.objective, module.model, module.guide, config.num_particles, config.beta)
     captured = None
-    if config.capture and config.objective in ("elbo", "mean-field"):
+    if config.capture and config.objective in CAPTURED_OBJECTIVES:
         from .capture import CapturedStep
 
         trained = {str(i): p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}

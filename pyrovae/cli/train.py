@@ -129,7 +129,7 @@ def add_parser(sub) -> None:
     g.add_argument("--early-stopping", type=positive(int), metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better validation ELBO")
     g.add_argument("--capture", nargs="?", const="auto", choices=CAPTURE_MODES, metavar="MODE",
-                   help="trace the training step once per batch shape and replay it (objectives elbo and mean-field; "
+                   help="trace the training step once per batch shape and replay it (objectives elbo, mean-field and iwae; "
                         "a model whose Python takes other branches from step to step must not use it); MODE: auto (the "
                         "device's default: graph on CPU, cuda-graph on CUDA), graph, inductor (fastest per step, "
                         "10-25 s to compile per batch shape), cuda-graph; off (on --resume: stop capturing)")
