@@ -118,7 +118,7 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
 
         mode = None if args.capture in (None, "auto") else args.capture
         captured = CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)},
-                                objective=objective, mode=mode)
+                                num_particles=CONFIGS[name][2], objective=objective, mode=mode)
     if captured is not None:
         print(f"{name}: step captured ({captured.mode})")
     budget = 60 * args.minutes

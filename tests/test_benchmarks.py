@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pyrovae.nn import ACTIVATIONS
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -159,3 +161,14 @@ def test_results_name_paths_relative_to_the_checkout(tmp_path):
                 "elsewhere": "/usr/lib", "name": "vae", "k": 5000}
     assert _relative(settings, checkout) == {"data_dir": "../shared/data", "out": ["benchmarks/r.json"],
                                              "elsewhere": "/usr/lib", "name": "vae", "k": 5000}
+
+
+@pytest.mark.parametrize("activation", ["tanh", "elu"])
+def test_quality_activation_sets_every_configurations_networks(activation):
+    """--activation builds the hand-written baseline and pyrovae's VAE with the same networks."""
+    build = benchmark_module("quality").build
+    expected = type(ACTIVATIONS[activation]())
+    for name in ("handwritten", "vae-mean-field", "iwae5"):
+        model = build(name, 64, tiny=True, activation=activation)[0]
+        kinds = {type(m) for m in model.modules() if type(m) in {type(a()) for a in ACTIVATIONS.values()}}
+        assert kinds == {expected}, (name, kinds)
