@@ -105,6 +105,19 @@ def build(name: str, dim: int, tiny: bool, activation: str = "tanh"):
     return model, objective_loss(objective, model.model, model.guide, particles), None
 
 
+def captured_step(name: str, model, parameters: list, capture: str | None):
+    """The configuration's step captured in mode ``capture`` (None: not captured; "auto": the
+    device's default), with its objective and number of particles; None where it runs eagerly."""
+    objective = "elbo" if name == "handwritten" else CONFIGS[name][1]
+    if not (name == "vae-captured" or (capture and name != "handwritten" and objective in CAPTURED_OBJECTIVES)):
+        return None
+    from pyrovae.capture import CapturedStep
+
+    mode = None if capture in (None, "auto") else capture
+    return CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)},
+                        num_particles=CONFIGS[name][2], objective=objective, mode=mode)
+
+
 def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
     """Adam on batches of --batch-size for the time budget (or the papers' schedule with --full); with
     ``--lr-schedule cosine`` the rate is annealed to 0 over the budget, step by step."""
@@ -112,14 +125,7 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
     if parameters is None:
         parameters = list(params.trainable(model.model, model.guide, batches.peek(8)).values())
     optimizer = make_optimizer(parameters, args.lr)
-    captured = None
-    objective = "elbo" if name == "handwritten" else CONFIGS[name][1]
-    if name == "vae-captured" or (args.capture and name != "handwritten" and objective in CAPTURED_OBJECTIVES):
-        from pyrovae.capture import CapturedStep
-
-        mode = None if args.capture in (None, "auto") else args.capture
-        captured = CapturedStep(model.model, model.guide, {str(i): p for i, p in enumerate(parameters)},
-                                num_particles=CONFIGS[name][2], objective=objective, mode=mode)
+    captured = captured_step(name, model, parameters, args.capture)
     if captured is not None:
         print(f"{name}: step captured ({captured.mode})")
     budget = 60 * args.minutes

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from pyrovae import params
 from pyrovae.nn import ACTIVATIONS
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -172,3 +174,15 @@ def test_quality_activation_sets_every_configurations_networks(activation):
         model = build(name, 64, tiny=True, activation=activation)[0]
         kinds = {type(m) for m in model.modules() if type(m) in {type(a()) for a in ACTIVATIONS.values()}}
         assert kinds == {expected}, (name, kinds)
+
+
+@pytest.mark.parametrize("name, objective, k", [("vae-mean-field", "mean-field", 1), ("iwae5", "iwae", 5), ("vae", "elbo", 1)])
+def test_quality_captures_each_configuration_with_its_objective_and_particles(name, objective, k):
+    quality = benchmark_module("quality")
+    model = quality.build(name, 64, tiny=True)[0]
+    x = torch.bernoulli(torch.full((8, 64), 0.5))
+    parameters = list(params.trainable(model.model, model.guide, x).values())
+    step = quality.captured_step(name, model, parameters, "graph")
+    assert (step.objective, step.num_particles, step.mode) == (objective, k, "graph")
+    assert quality.captured_step(name, model, parameters, None) is None
+    assert quality.captured_step("handwritten", model, parameters, "graph") is None
