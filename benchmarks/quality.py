@@ -25,6 +25,7 @@ from torch import nn
 
 from common import machine, write_json
 from pyrovae import params
+from pyrovae.cli.train import CAPTURE_MODES
 from pyrovae.data import Batches, load_dataset, static_binarized
 from pyrovae.evaluate import evaluate
 from pyrovae.models import two_layer, vae
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
                         "anneals over --epochs)")
     p.add_argument("-k", "--samples", type=int, default=5000, help="importance samples per test point")
     p.add_argument("--test-points", type=int, help="evaluate only the first N test points")
-    p.add_argument("--capture", nargs="?", const="auto", choices=("auto", "graph", "inductor", "cuda-graph"),
+    p.add_argument("--capture", nargs="?", const="auto", choices=[m for m in CAPTURE_MODES if m != "off"],
                    help="capture the step of every configuration trained with the ELBO, its mean-field form or the IWAE bound, "
                         "in this mode (pyrovae train --capture MODE; auto: graph on the CPU)")
     p.add_argument("--activation", choices=list(ACTIVATIONS), default="tanh",

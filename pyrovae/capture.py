@@ -84,7 +84,6 @@ from .train import CAPTURED_OBJECTIVES, check_loss, train_step, update
 log = logging.getLogger(__name__)
 
 MODES = ("graph", "inductor", "cuda-graph", "eager")
-OBJECTIVES = CAPTURED_OBJECTIVES  # Trace_ELBO, TraceMeanField_ELBO, the IWAE bound
 
 
 def _kl_sum(guide_site: dict, model_site: dict) -> torch.Tensor | None:
@@ -128,8 +127,8 @@ class CapturedStep:
 
     def __init__(self, model: Callable, guide: Callable, params: dict[str, torch.Tensor], num_particles: int = 1,
                  beta: float = 1.0, mode: str | None = None, objective: str = "elbo"):
-        if objective not in OBJECTIVES:
-            raise PyrovaeError(f"a captured step computes the objectives {', '.join(OBJECTIVES)}, not {objective!r}")
+        if objective not in CAPTURED_OBJECTIVES:
+            raise PyrovaeError(f"a captured step computes the objectives {', '.join(CAPTURED_OBJECTIVES)}, not {objective!r}")
         if num_particles < 1:
             raise PyrovaeError(f"the number of particles must be at least 1, got {num_particles}")
         self.model, self.guide = model, guide
@@ -145,7 +144,6 @@ class CapturedStep:
         self.beta = beta
         self._elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
         self.objective = objective
-        self.mean_field = objective == "mean-field"
         self._eager_loss = objective_loss(objective, model, guide, num_particles, beta)
         self.captures: dict[tuple, Callable] = {}  # input signature → the replayed step
         self.graphs: dict[tuple, torch.fx.GraphModule] = {}  # input signature → the traced graph
@@ -172,7 +170,7 @@ class CapturedStep:
             for name, site in model_trace.nodes.items():
                 if site["type"] != "sample":
                     continue
-                kl = None if site["is_observed"] or not self.mean_field else _kl_sum(guide_trace.nodes[name], site)
+                kl = None if site["is_observed"] or self.objective != "mean-field" else _kl_sum(guide_trace.nodes[name], site)
                 if kl is not None:
                     elbo = elbo - beta * kl
                     analytic.add(name)
