@@ -1,5 +1,6 @@
-"""Several processes on torch.distributed (gloo, loopback): the summed gradient is the combined
-batch's, a sharded evaluation is the single-process one, and runs resume with any number of processes."""
+"""Several processes on torch.distributed (gloo, loopback): the summed gradient and loss are the
+combined batch's, the stop flag reaches every process, each process draws from its own seed, a
+sharded evaluation is the single-process one, and runs resume with any number of processes."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from pyrovae.data import Batches
 from pyrovae.train import elbo_loss, train_step
 
 P, D, B = 6, 2, 8
+WORLD = 2
 
 
 class DeltaVAE(nn.Module):
@@ -49,30 +51,93 @@ def data() -> torch.Tensor:
     return torch.randn(B, P, generator=torch.Generator().manual_seed(0))
 
 
-def gradients(world: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    """The gradient of one step on the batch, by one process (None) or by this rank of several."""
+def one_step(shard=None, sync=None) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss and gradient of one step on the global batch, or, with ``shard(batches)``, on this
+    process's rows of it; ``sync(loss, stop, params) -> (total, stop)`` as
+    :func:`pyrovae.distributed.sum_over_processes` between the backward pass and the checks."""
     torch.manual_seed(0)
     pyro.clear_param_store()
     model = DeltaVAE()
     batches = Batches(data(), B, shuffle=False)
     trained = params.trainable(model.model, model.guide, data())
-    sync = None
-    if world is not None:
-        batches = distributed.ShardedBatches(batches, *world)
-        sync = lambda loss: distributed.sum_over_processes(loss, False, list(trained.values()))[0]  # noqa: E731
+    if shard is not None:
+        batches = shard(batches)
+    step_sync = None if sync is None else lambda loss: sync(loss, False, list(trained.values()))[0]  # noqa: E731
     optimizer = torch.optim.SGD(trained.values(), lr=0.0)
     (_, x), = list(batches)
     with fast_context():
-        train_step(elbo_loss(model.model, model.guide), optimizer, x, sync=sync)
-    return {name: p.grad.clone() for name, p in trained.items()}
+        loss = train_step(elbo_loss(model.model, model.guide), optimizer, x, sync=step_sync)
+    return loss, {name: p.grad.clone() for name, p in trained.items()}
+
+
+# ---------------------------------------------------------------- the variants the checks must tell apart
+
+
+def not_summed(loss, stop, params):
+    """Broken: no collective, each process keeps its own half-batch loss, gradient and stop flag."""
+    return loss.item(), stop
+
+
+def averaged(loss, stop, params):
+    """Broken: the mean over processes (as DistributedDataParallel does) instead of the sum."""
+    total, stop_any = distributed.sum_over_processes(loss, stop, params)
+    size = torch.distributed.get_world_size()
+    for p in params:
+        p.grad = p.grad / size
+    return total / size, stop_any
+
+
+def own_stop(loss, stop, params):
+    """Broken: the sums are right but each process decides on its own stop flag only."""
+    return distributed.sum_over_processes(loss, stop, params)[0], stop
+
+
+def first_rows(batches, rank, size):
+    """Broken: every process takes rank 0's rows."""
+    return distributed.ShardedBatches(batches, 0, size)
+
+
+def one_seed(rank):
+    """Broken: every process seeded alike, so that all draw the same z."""
+    return distributed.rank_seed(0)
+
+
+# name → (sync, sharding, per-rank seed, a problem it must be reported for)
+VARIANTS = {
+    "correct": (distributed.sum_over_processes, distributed.ShardedBatches, distributed.rank_seed, None),
+    "gradients-not-summed": (not_summed, distributed.ShardedBatches, distributed.rank_seed, "not the combined batch's gradient"),
+    "gradients-averaged": (averaged, distributed.ShardedBatches, distributed.rank_seed, "not the combined batch's gradient"),
+    "stop-flag-not-shared": (own_stop, distributed.ShardedBatches, distributed.rank_seed, "stop flag"),
+    "shards-overlap": (distributed.sum_over_processes, first_rows, distributed.rank_seed, "do not partition"),
+    "one-seed-for-every-rank": (distributed.sum_over_processes, distributed.ShardedBatches, one_seed, "same seed"),
+}
+
+
+def run_variant(name: str, rank: int, size: int) -> dict:
+    """Everything one process of ``size`` finds for a variant (each process runs the same calls)."""
+    sync, shard, seed_of, _ = VARIANTS[name]
+    summed_loss, summed = one_step(lambda b: shard(b, rank, size), sync)
+    half_loss, half = one_step(lambda b: shard(b, rank, size))
+    flags = [torch.zeros(3, requires_grad=True)]
+    flags[0].grad = torch.ones(3)
+    stops = {asked: sync(torch.zeros(()), rank in asked, flags)[1] for asked in ((), (1,), (0, 1))}
+    torch.manual_seed(0)
+    seed = seed_of(rank)
+    torch.manual_seed(seed)
+    draw = torch.randn(4)
+    torch.manual_seed(0)
+    again = seed_of(rank)
+    torch.manual_seed(1)
+    other_state = seed_of(rank)
+    return dict(summed_loss=summed_loss, summed=summed, half_loss=half_loss, half=half, stops=stops,
+                seed=seed, again=again, other_state=other_state, draw=draw)
 
 
 def worker(rank: int, size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        grads = gradients((rank, size))
-        torch.save(grads, f"{out}.{rank}")
+        torch.save({name: run_variant(name, rank, size) for name in VARIANTS}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -83,17 +148,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_summed_gradient_of_two_processes_is_the_combined_batchs(tmp_path):
-    expected = gradients(None)
-    assert set(expected) == {"decoder$$$weight", "decoder$$$bias", "encoder$$$weight", "encoder$$$bias", "scale"}
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path / "grads")), nprocs=2, join=True)
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"grads.{rank}", weights_only=True)
-        for name in expected:
-            torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
-    # the check can fail: one process's half of the batch alone gives another gradient
-    half = {name: g for name, g in torch.load(tmp_path / "grads.0", weights_only=True).items()}
-    assert not torch.allclose(half["decoder$$$weight"], 0.5 * expected["decoder$$$weight"])
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
+    """Variant → what each of two processes found (one spawn for all the variants)."""
+    out = tmp_path_factory.mktemp("dist") / "found"
+    mp.spawn(worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
+    found = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(WORLD)]
+    return {name: [f[name] for f in found] for name in VARIANTS}
+
+
+def close(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-6) for n in a)
+
+
+def problems(ranks: list[dict], one_loss: float, one: dict[str, torch.Tensor]) -> list[str]:
+    """What is wrong with the processes' findings, given one process's loss and gradient on the whole batch."""
+    found = []
+    for rank, r in enumerate(ranks):
+        if not close(r["summed"], one):
+            found.append(f"rank {rank}: the summed gradient is not the combined batch's gradient")
+        if abs(r["summed_loss"] - one_loss) > 1e-5 * abs(one_loss):
+            found.append(f"rank {rank}: the summed loss {r['summed_loss']} is not the combined batch's {one_loss}")
+        if max((r["summed"][n] - r["half"][n]).abs().max().item() for n in one) < 1e-3:
+            found.append(f"rank {rank}: the sync left this process's own half-batch gradient as it was")
+        if r["stops"] != {(): False, (1,): True, (0, 1): True}:
+            found.append(f"rank {rank}: the stop flag of one process did not stop every one: {r['stops']}")
+        if r["again"] != r["seed"] or r["other_state"] == r["seed"]:
+            found.append(f"rank {rank}: the seed is not a function of the torch state and the rank")
+    halves = {n: sum(r["half"][n] for r in ranks) for n in one}
+    if not close(halves, one) or abs(sum(r["half_loss"] for r in ranks) - one_loss) > 1e-5 * abs(one_loss):
+        found.append("the processes' rows do not partition the batch: their own gradients do not add up to it")
+    if len({r["seed"] for r in ranks}) < len(ranks) or torch.allclose(ranks[0]["draw"], ranks[1]["draw"]):
+        found.append("two processes got the same seed and draw the same z")
+    return found
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_summed_gradient_of_two_processes_is_the_combined_batchs(two_processes, variant):
+    """Each process's rows are every other row of the global batch; after the sync every process
+    holds the combined batch's loss and gradient (each process's own half alone differs, and the
+    halves add up to it), a stop asked by one process stops all, and each process has its own seed.
+    Each broken variant is reported for what it breaks."""
+    one_loss, one = one_step()
+    assert set(one) == {"decoder$$$weight", "decoder$$$bias", "encoder$$$weight", "encoder$$$bias", "scale"}
+    found = problems(two_processes[variant], one_loss, one)
+    expected = VARIANTS[variant][3]
+    if expected is None:
+        assert found == []
+    else:
+        assert any(expected in p for p in found), found
 
 
 def pyrovae(*argv, nproc: int = 1, cwd=None) -> subprocess.CompletedProcess:
