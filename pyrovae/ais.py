@@ -70,7 +70,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
@@ -85,8 +84,8 @@ from .context import fast_context
 from .diagnostics import effective_sample_size
 from .errors import ContractError, PyrovaeError
 from .estimators import Estimate
-from .evaluate import batch_seed
-from .evidence import PARTICLE_DIM, _check_data_plate, _sample_sites, _unscaled_log_prob
+from .seeds import batch_seed
+from .traces import check_data_plate, particle_traces, replay_traces, sample_sites, unscaled_log_prob
 
 DEFAULT_STEPS = 500  # T
 DEFAULT_CHAINS = 16  # M
@@ -199,13 +198,12 @@ class _Path:
     def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, num_chains: int, start: Start, args, kwargs):
         self.model, self.guide, self.x, self.start, self.args, self.kwargs = model, guide, x, start, args, kwargs
         self.shape = torch.Size([num_chains, x.shape[0]])  # (C, B)
-        with torch.no_grad(), pyro.plate("particles", num_chains, dim=PARTICLE_DIM):
-            first = poutine.trace(guide if start == "guide" else model).get_trace(x, *args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=first)).get_trace(x, *args, **kwargs)
+        with torch.no_grad():
+            first, model_trace = particle_traces(model, guide if start == "guide" else model, x, num_chains, *args, **kwargs)
         self.sites: list[_Site] = []
         values = {}
-        for name, site in _sample_sites(model_trace):
-            _check_data_plate(name, site, "model")
+        for name, site in sample_sites(model_trace):
+            check_data_plate(name, site, "model")
             if site["is_observed"]:
                 continue
             if start == "guide" and name not in first.nodes:
@@ -226,7 +224,7 @@ class _Path:
             self.sites.append(_Site(name, transform, shape, shape.numel()))
             values[name] = value
         if start == "guide":
-            extra = [name for name, _ in _sample_sites(first) if name not in values]
+            extra = [name for name, _ in sample_sites(first) if name not in values]
             if extra:
                 raise ContractError(f"the guide samples {extra}, which the model has no latent site for: AIS needs q over the model's latents only")
         if not self.sites:
@@ -262,13 +260,11 @@ class _Path:
             chains = Trace()
             for name, value in values.items():
                 chains.add_node(name, name=name, type="sample", is_observed=False, value=value, infer={})
-            with pyro.plate("particles", self.shape[0], dim=PARTICLE_DIM):
-                model_trace = poutine.trace(poutine.replay(self.model, trace=chains)).get_trace(self.x, *self.args, **self.kwargs)
-                guide_trace = (poutine.trace(poutine.replay(self.guide, trace=chains)).get_trace(self.x, *self.args, **self.kwargs)
-                               if self.start == "guide" else None)
+            guide_trace, model_trace = replay_traces(self.model, self.guide, chains, self.x, self.shape[0], *self.args,
+                                                     guide_too=self.start == "guide", **self.kwargs)
             log_lik = log_prior = 0.0
-            for name, site in _sample_sites(model_trace):
-                log_p = _unscaled_log_prob(name, site, self.shape)
+            for name, site in sample_sites(model_trace):
+                log_p = unscaled_log_prob(name, site, self.shape)
                 if site["is_observed"]:
                     log_lik = log_lik + log_p
                 else:
@@ -277,7 +273,7 @@ class _Path:
                 log_f0 = log_prior + log_det
                 log_p = log_f0 + log_lik
             else:
-                log_q = sum(_unscaled_log_prob(s.name, guide_trace.nodes[s.name], self.shape) for s in self.sites)
+                log_q = sum(unscaled_log_prob(s.name, guide_trace.nodes[s.name], self.shape) for s in self.sites)
                 log_f0 = log_q + log_det
                 log_p = log_lik + log_prior + log_det
             grad_f0, = torch.autograd.grad(log_f0.sum(), u, retain_graph=True)
@@ -627,10 +623,10 @@ def simulate(model: Callable, x: torch.Tensor, *args) -> tuple[torch.Tensor, dic
     (``poutine.uncondition``); x only gives the shape. Returns x' (N, P) and {latent site: (N, *event)}."""
     with torch.no_grad(), fast_context():
         trace = poutine.trace(poutine.uncondition(model)).get_trace(x, *args)
-    observed = [name for name, site in _sample_sites(trace) if site["infer"].get("was_observed")]
+    observed = [name for name, site in sample_sites(trace) if site["infer"].get("was_observed")]
     if len(observed) != 1:
         raise ContractError(f"simulating data needs exactly one observed site in the model, found {observed}")
-    latents = {name: site["value"] for name, site in _sample_sites(trace) if name not in observed}
+    latents = {name: site["value"] for name, site in sample_sites(trace) if name not in observed}
     x_sim = trace.nodes[observed[0]]["value"]
     if x_sim.shape != x.shape:
         raise ContractError(f"the observed site {observed[0]!r} simulates shape {tuple(x_sim.shape)}, the data have {tuple(x.shape)}")

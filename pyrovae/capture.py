@@ -34,24 +34,21 @@ tensors that are neither arguments nor parameters (buffers and constants are ref
 in-place changes to them are seen; a tensor attribute replaced by a new one is not). Hence one
 capture per input signature (shapes, dtypes, devices, non-tensor arguments by value): the smaller
 last batch of an epoch gets its own. A model whose Python branches on tensor values cannot be traced
-(``make_fx`` refuses to read a value from a traced tensor); nor can a guide site without
-reparameterized sampling. The step then runs eagerly (Pyro's ``Trace_ELBO`` as
-:func:`pyrovae.train.train_step` runs it), after one logged warning. A model whose Python changes
+(``make_fx`` refuses to read a value from a traced tensor). The step then runs eagerly (the same
+objective, as :func:`pyrovae.step.train_step` runs it), after one logged warning. A model whose Python changes
 between calls for other reasons (a counter, a random branch in Python) must not be captured.
 
-Modes (``mode=``), measured with ``benchmarks/train_step.py`` on 2 CPU threads (MNIST, 784-400-50
-and 784-200-200-50, batch 128 and 256; ratios to a hand-written PyTorch step with fused Adam, whose
-eager pyrovae step is 1.18–1.28×):
+Modes (``mode=``; ``benchmarks/train_step.py`` measures each against a hand-written PyTorch step,
+and benchmarks/README.md has the numbers):
 
 ``"graph"``
     The graph replayed op by op as a ``torch.fx.GraphModule``, without autograd (the backward is in
-    the graph): 1.06–1.12×. Tracing takes 0.2–1.3 s per shape. The default on the CPU: the
-    fastest over a run of fewer than about 100 MNIST epochs, and the eager step's own noise.
+    the graph); tracing costs well under a second per shape for MLPs. The default on the CPU, with
+    the eager step's own noise.
 ``"inductor"``
-    The same graph through ``torch.compile`` (inductor): 0.93–1.00×, the fastest per step, but
-    compiling takes 10–25 s per shape on a cold cache (0.5–4 s from inductor's cache on disk), which
-    the ~0.8 ms it saves per step repays after some 45 000 steps. Its noise is its own random
-    stream, not the eager one. Where compiling fails (no C++ compiler), the graph is replayed
+    The same graph through ``torch.compile`` (inductor): fused kernels, the fastest per step, but
+    compiling takes seconds per shape (less from inductor's cache on disk), which pays only over
+    long runs. Its noise is its own random stream, not the eager one. Where compiling fails (no C++ compiler), the graph is replayed
     uncompiled after a warning.
 ``"cuda-graph"``
     The graph captured in a CUDA graph (``torch.cuda.CUDAGraph``) over static input buffers: each
@@ -61,7 +58,7 @@ eager pyrovae step is 1.18–1.28×):
     Adam is one kernel launch; ``capturable=True`` is allowed, not needed. Not tested on this
     project's CPU-only machines.
 ``"eager"``
-    No capture: Pyro's ``Trace_ELBO.differentiable_loss`` and autograd on every step.
+    No capture: the objective (:class:`pyrovae.objectives.Loss`) and autograd on every step.
 """
 
 from __future__ import annotations
@@ -70,31 +67,19 @@ import logging
 from typing import Callable, NamedTuple
 
 import torch
-from pyro.infer import Trace_ELBO
-from pyro.distributions.util import scale_and_mask
-from pyro.infer.util import is_identically_zero
-from torch.distributions import kl_divergence
+from pyro import poutine
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .context import fast_context
 from .errors import PyrovaeError
 from .objectives import loss as objective_loss
-from .train import CAPTURED_OBJECTIVES, check_loss, train_step, update
+from .step import check_loss, train_step, update
+from .traces import sample_sites
 
 log = logging.getLogger(__name__)
 
 MODES = ("graph", "inductor", "cuda-graph", "eager")
-
-
-def _kl_sum(guide_site: dict, model_site: dict) -> torch.Tensor | None:
-    """KL(q ‖ p) of a latent site summed over its batch, scaled and masked as the guide site is
-    (``TraceMeanField_ELBO``'s term); None where ``kl_divergence`` has no closed form."""
-    try:
-        kl = kl_divergence(guide_site["fn"], model_site["fn"])
-    except NotImplementedError:
-        return None
-    kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
-    return kl.sum() if torch.is_tensor(kl) else kl * torch.Size(guide_site["fn"].batch_shape).numel()
+CAPTURED_OBJECTIVES = ("elbo", "mean-field", "iwae")  # what CapturedStep computes; "iwae-dreg" runs eagerly
 
 
 def default_mode(device: torch.device | str) -> str:
@@ -108,10 +93,6 @@ class StepResult(NamedTuple):
     norm: torch.Tensor  # the gradients' total 2-norm, as torch.nn.utils.get_total_norm gives it
 
 
-class NotCapturable(Exception):
-    """The step cannot be traced into one graph; it runs eagerly instead."""
-
-
 class CapturedStep:
     """The gradient step of Pyro's ``Trace_ELBO`` on (model, guide), traced once per input signature
     and replayed; see the module docstring.
@@ -120,7 +101,7 @@ class CapturedStep:
     (the parameters ``SVI`` would train; the optimizer holds the same tensors). ``beta`` scales the
     latent sites' log-densities and may be changed between calls (KL warm-up) without a new capture.
 
-    ``step(optimizer, x)`` is :func:`pyrovae.train.train_step` with the captured graph: the same
+    ``step(optimizer, x)`` is :func:`pyrovae.step.train_step` with the captured graph: the same
     loss, gradients, non-finite check and clipping. Calling it, ``captured(x)``, returns
     ``(loss, grads, norm)`` without touching ``.grad`` or the optimizer.
     """
@@ -142,7 +123,6 @@ class CapturedStep:
             raise PyrovaeError("capture mode 'cuda-graph' needs CUDA, which is not available here: use mode='graph'")
         self.num_particles = num_particles
         self.beta = beta
-        self._elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
         self.objective = objective
         self._eager_loss = objective_loss(objective, model, guide, num_particles, beta)
         self.captures: dict[tuple, Callable] = {}  # input signature → the replayed step
@@ -157,34 +137,9 @@ class CapturedStep:
     # the loss, from Pyro's traces
 
     def surrogate(self, args: tuple, beta: torch.Tensor | float) -> torch.Tensor:
-        """``Trace_ELBO``'s differentiable loss at ``model(*args)``/``guide(*args)`` for a
-        reparameterized guide, without its host syncs (``.item()``); β on the latent sites. With
-        the objective ``"mean-field"``, ``TraceMeanField_ELBO``'s: a latent site whose KL(q ‖ p) has
-        a closed form contributes −β KL instead of β (log p(z) − log q(z)). With ``"iwae"``, the
-        IWAE bound's loss −Σ_n L_k(x_n) as :class:`pyrovae.objectives.Loss` computes it, k = ``num_particles``."""
-        if self.objective == "iwae":
-            return -self._eager_loss.iwae(*args, beta=beta).sum()
-        total = 0.0
-        for model_trace, guide_trace in self._elbo._get_traces(self.model, self.guide, args, {}):
-            elbo, analytic = 0.0, set()
-            for name, site in model_trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                kl = None if site["is_observed"] or self.objective != "mean-field" else _kl_sum(guide_trace.nodes[name], site)
-                if kl is not None:
-                    elbo = elbo - beta * kl
-                    analytic.add(name)
-                else:
-                    elbo = elbo + (site["log_prob_sum"] if site["is_observed"] else beta * site["log_prob_sum"])
-            for name, site in guide_trace.nodes.items():
-                if site["type"] == "sample":
-                    _, score_function, entropy = site["score_parts"]
-                    if not is_identically_zero(score_function):
-                        raise NotCapturable(f"guide site {name!r} is not reparameterized (Trace_ELBO adds a score-function term)")
-                    if name not in analytic and not is_identically_zero(entropy):
-                        elbo = elbo - (entropy.sum() if site["is_observed"] else beta * entropy.sum())
-            total = total - elbo / self._elbo.num_particles
-        return total
+        """The objective's loss at ``model(*args)``/``guide(*args)`` with β = ``beta``: the eager
+        objective's own function (:class:`pyrovae.objectives.Loss`), which is what the graph records."""
+        return self._eager_loss(*args, beta=beta)
 
     def _grad_step(self, x: torch.Tensor, args: tuple, beta: torch.Tensor | float, leaves) -> tuple:
         """(loss and norm as one float64 pair, loss, norm, grads): the function the graph records."""
@@ -240,6 +195,7 @@ class CapturedStep:
         cpu_state = torch.get_rng_state()
         cuda_states = {d: torch.cuda.get_rng_state(d) for d in devices}
         try:  # tracing (and the CUDA graph's warm-up) draw noise: give it back
+            self._check_reparameterized(template, tensors)
             with fast_context(), torch.enable_grad():
                 graph = make_fx(traced)(*tensors, beta, *self._leaves)
             graph.graph.eliminate_dead_code()
@@ -256,6 +212,16 @@ class CapturedStep:
                 torch.cuda.set_rng_state(state, d)
         self.graphs[key] = graph
         return replay
+
+    def _check_reparameterized(self, template: list, tensors: list[torch.Tensor]) -> None:
+        """ValueError naming a guide site without reparameterized sampling: its gradient has a
+        score-function term, which the eager step computes and the captured one does not."""
+        x, *args = [tensors[a.index] if isinstance(a, _Input) else a for a in template]
+        with torch.no_grad(), fast_context():
+            guide_trace = poutine.trace(self.guide).get_trace(x, *args)
+        for name, site in sample_sites(guide_trace):
+            if not site["fn"].has_rsample:
+                raise ValueError(f"guide site {name!r} is not reparameterized (its gradient has a score-function term)")
 
     def _compile(self, graph: torch.fx.GraphModule, tensors: list[torch.Tensor], beta: torch.Tensor) -> Callable:
         """The graph through ``torch.compile`` (inductor), compiled now; the plain graph where
@@ -290,7 +256,7 @@ class CapturedStep:
                 if replay is None:
                     try:
                         replay = self.captures[key] = self._capture(key, template, tensors, beta)
-                    except Exception as e:  # data-dependent control flow, a score-function site, ...
+                    except Exception as e:  # data-dependent control flow, an operation make_fx cannot trace, ...
                         message = str(e).strip()
                         self._give_up(f"{type(e).__name__}: {message.splitlines()[0] if message else ''}")
                 if replay is not None:
@@ -312,9 +278,9 @@ class CapturedStep:
 
     def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None,
              norms: list | None = None, sync: Callable[[torch.Tensor], float] | None = None) -> float:
-        """One optimizer step on the loss at ``x``; returns the loss. :func:`pyrovae.train.train_step`
+        """One optimizer step on the loss at ``x``; returns the loss. :func:`pyrovae.step.train_step`
         with the captured graph, the same arguments and checks: raises
-        :class:`~pyrovae.train.TrainingDiverged` before stepping if the loss or the gradient norm is
+        :class:`~pyrovae.step.TrainingDiverged` before stepping if the loss or the gradient norm is
         not finite (one host sync reads both), appends the norm to ``norms``, clips the gradient's
         total norm to ``clip_grad``; ``sync(loss)`` sums the loss and the ``.grad``s over processes."""
         if self.eager:

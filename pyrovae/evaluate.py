@@ -16,7 +16,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,6 +23,7 @@ from . import contract, diagnostics, distributed, estimators
 from .errors import PyrovaeError
 from .estimators import Estimate, KLEstimate
 from .evidence import log_weights
+from .seeds import batch_seed
 from .context import fast_context
 
 DEFAULT_IWAE_KS = (1, 5, 50, 5000)
@@ -125,12 +125,6 @@ def compile_pays(num_points: int, num_samples: int, device) -> bool:
     eager and 44 s compiled, the 10 000 MNIST test points about 2.5× faster compiled); never on CUDA,
     where the compiled path measured 5.8× slower than eager."""
     return torch.device(device).type == "cpu" and num_points * num_samples >= COMPILE_MIN_DRAWS
-
-
-def batch_seed(seed: int, row: int, *stream: int) -> int:
-    """The seed of the draws for the batch that starts at ``row``: its ELBO pass (no ``stream``),
-    its chunk c of importance samples (``stream`` = (1 + c,)), AIS (0, 1), BDMC (0, 2)."""
-    return int(np.random.SeedSequence([seed, row, *stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def importance_log_weights(

@@ -15,20 +15,14 @@ the guide samples every latent site of the model.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
-from torch.distributions import kl_divergence
 
 from .errors import ContractError, PyrovaeError
-
-PARTICLE_DIM = -2
-log = logging.getLogger(__name__)
+from .kl import site_kl
+from .traces import check_data_plate, particle_traces, sample_sites, unscaled_log_prob
 
 
 @dataclass
@@ -38,7 +32,8 @@ class SiteLogProbs:
     log_likelihood: dict[str, torch.Tensor]  # observed sites: log p(x | parents)
     log_prior: dict[str, torch.Tensor]  # latent sites: log p(z_s | parents)
     log_q: dict[str, torch.Tensor]  # latent sites: log q(z_s | x, …)
-    kl_analytic: dict[str, torch.Tensor | None] = field(default_factory=dict)  # KL(q_s ‖ p_s) given the particle's parents; None: no closed form, or not asked for
+    kl_analytic: dict[str, torch.Tensor | None] = field(default_factory=dict)  # KL(q_s ‖ p_s) given the particle's parents; None: no closed form, not applicable, or not asked for
+    kl_method: dict[str, str] = field(default_factory=dict)  # per latent site: "analytic", "no closed form" or "not applicable: …" (pyrovae.kl)
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -56,62 +51,7 @@ class SiteLogProbs:
             parts = [getattr(c, name) for c in chunks]
             return {s: None if parts[0][s] is None else torch.cat([p[s] for p in parts]) for s in parts[0]}
 
-        return SiteLogProbs(*(join(n) for n in ("log_likelihood", "log_prior", "log_q", "kl_analytic")))
-
-
-def _sample_sites(trace) -> Iterator[tuple[str, dict]]:
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            yield name, site
-
-
-def _check_data_plate(name: str, site: dict, program: str) -> None:
-    frames = [f for f in site["cond_indep_stack"] if f.name == "data"]
-    if not frames or frames[0].dim != -1:
-        raise ContractError(
-            f"site {name!r} of the {program} is not inside pyro.plate('data', ...) at dim -1: "
-            "data points must be the rightmost batch dimension of every site (use .to_event() for the rest)"
-        )
-
-
-def _log_prob(fn, value: torch.Tensor) -> torch.Tensor:
-    return fn.log_prob(value)
-
-
-_compiled_log_prob: Callable | None = None
-
-
-def _fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
-    """``fn.log_prob(value)`` compiled by ``torch.compile`` into one fused kernel (the sum over the
-    event included); eager if compilation is unavailable or fails."""
-    global _compiled_log_prob
-    if _compiled_log_prob is None:
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
-        _compiled_log_prob = torch.compile(_log_prob)
-    if _compiled_log_prob is not _log_prob:
-        try:
-            return _compiled_log_prob(fn, value)
-        except Exception as e:  # no C compiler, an unsupported distribution, …
-            log.warning("torch.compile of a log-density failed (%s); continuing in eager mode", e)
-            _compiled_log_prob = _log_prob
-    return fn.log_prob(value)
-
-
-def _unscaled_log_prob(name: str, site: dict, shape: torch.Size, compiled: bool = False) -> torch.Tensor:
-    log_p = (_fused_log_prob if compiled else _log_prob)(site["fn"], site["value"])
-    if log_p.shape != shape:
-        raise ContractError(
-            f"site {name!r} has log-probability shape {tuple(log_p.shape)}, expected (particles, data) = {tuple(shape)}: "
-            "declare every dimension but the data dimension as an event dimension with .to_event(n)"
-        )
-    return log_p
-
-
-def _kl(q_fn, p_fn, shape: torch.Size) -> torch.Tensor | None:
-    try:
-        return kl_divergence(q_fn, p_fn).expand(shape)
-    except NotImplementedError:
-        return None
+        return SiteLogProbs(*(join(n) for n in ("log_likelihood", "log_prior", "log_q", "kl_analytic")), dict(chunks[0].kl_method))
 
 
 def site_log_probs(
@@ -122,29 +62,32 @@ def site_log_probs(
 
     ``model(x, *args, **kwargs)`` and ``guide(x, *args, **kwargs)`` are called once each; the
     result's tensors are (K, N). Densities are unscaled (subsampling scales are ignored).
-    ``analytic_kl``: also compute KL(q_s ‖ p_s) in closed form per latent site where one exists.
+    ``analytic_kl``: also compute KL(q_s ‖ p_s) in closed form per latent site where one exists and
+    is the site's KL term (:func:`pyrovae.kl.site_kl`), with the method or the reason in ``kl_method``.
     ``compiled``: compute the log-densities with ``torch.compile`` (one fused kernel per site; the
     observed site's K × N × P terms are the costly part for images), falling back to eager mode.
     """
     N = x.shape[0]
     shape = torch.Size([num_particles, N])
-    with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
-        guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
-
-    terms = SiteLogProbs({}, {}, {}, {})
-    for name, site in _sample_sites(model_trace):
-        _check_data_plate(name, site, "model")
+    guide_trace, model_trace = particle_traces(model, guide, x, num_particles, *args, **kwargs)
+    terms = SiteLogProbs({}, {}, {}, {}, {})
+    for name, site in sample_sites(model_trace):
+        check_data_plate(name, site, "model")
         if site["is_observed"]:
-            terms.log_likelihood[name] = _unscaled_log_prob(name, site, shape, compiled)
+            terms.log_likelihood[name] = unscaled_log_prob(name, site, shape, compiled)
             continue
         if name not in guide_trace.nodes:
             raise ContractError(f"the guide does not sample latent site {name!r} of the model: a guide must sample every latent site")
         q_site = guide_trace.nodes[name]
-        _check_data_plate(name, q_site, "guide")
-        terms.log_prior[name] = _unscaled_log_prob(name, site, shape, compiled)
-        terms.log_q[name] = _unscaled_log_prob(name, q_site, shape, compiled)
-        terms.kl_analytic[name] = _kl(q_site["fn"], site["fn"], shape) if analytic_kl else None
+        check_data_plate(name, q_site, "guide")
+        terms.log_prior[name] = unscaled_log_prob(name, site, shape, compiled)
+        terms.log_q[name] = unscaled_log_prob(name, q_site, shape, compiled)
+        if analytic_kl:
+            kl = site_kl(name, model_trace, guide_trace)
+            terms.kl_analytic[name] = None if kl.value is None else kl.value.expand(shape)
+            terms.kl_method[name] = kl.method
+        else:
+            terms.kl_analytic[name] = None
     if not terms.log_likelihood:
         raise ContractError("the model has no observed site: observe the data with pyro.sample(..., obs=x)")
     return terms

@@ -23,14 +23,13 @@ import math
 from pathlib import Path
 from typing import Callable
 
-import pyro
 import torch
 from pyro import poutine
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Independent, Normal
 
 from .errors import PyrovaeError
-from .evidence import PARTICLE_DIM, _sample_sites
-from .generate import _guide_means, _Means
+from .kl import closed_form, drawn_after
+from .traces import guide_means, means, particle_traces, sample_sites
 
 ACTIVITY_THRESHOLD = 0.01
 """A_u above this: dimension u is active (Burda et al. 2016)."""
@@ -46,7 +45,7 @@ def latent_means(guide: Callable, x: torch.Tensor, batch_size: int = 1024) -> di
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
-        for site, z in _guide_means(guide, xb).items():
+        for site, z in guide_means(guide, xb).items():
             parts.setdefault(site, []).append(z.reshape(len(xb), -1).double().cpu())
     return {site: torch.cat(zs) for site, zs in parts.items()}
 
@@ -80,8 +79,10 @@ def kl_per_dimension(model: Callable, guide: Callable, x: torch.Tensor, num_part
     two univariate Normals) where the guide's and the prior's distributions at the site are both
     ``Normal``s made ``Independent`` over the same event shape; None where they are not (a
     full-covariance guide, a mixture, Student-t or flow prior: the KL does not split by coordinate,
-    or has no closed form). For a site whose prior depends on other latent sites the KL is also
-    averaged over ``num_particles`` draws of those from the guide; without such parents it is exact.
+    or has no closed form), and where the closed form is not the site's KL term (its prior may depend
+    on a latent the guide draws after it, :func:`pyrovae.kl.drawn_after`). For a site whose prior
+    depends on latents drawn before it, the KL is averaged over ``num_particles`` draws of those
+    from the guide; without such parents it is exact.
     The coordinates of a site sum to the site's analytic KL of :func:`pyrovae.estimators.kl`.
     """
     if num_particles < 1:
@@ -91,18 +92,16 @@ def kl_per_dimension(model: Callable, guide: Callable, x: torch.Tensor, num_part
     totals: dict[str, torch.Tensor | None] = {}
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
-        with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
-            guide_trace = poutine.trace(guide).get_trace(xb)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(xb)
-        for name, site in _sample_sites(model_trace):
+        guide_trace, model_trace = particle_traces(model, guide, xb, num_particles)
+        for name, site in sample_sites(model_trace):
             if site["is_observed"] or (name in totals and totals[name] is None):
                 continue
             q_fn, p_fn = guide_trace.nodes[name]["fn"], site["fn"]
             q, p = _coordinatewise_normal(q_fn), _coordinatewise_normal(p_fn)
-            if q is None or p is None or q_fn.event_shape != p_fn.event_shape:
+            if q is None or p is None or q_fn.event_shape != p_fn.event_shape or drawn_after(name, model_trace, guide_trace):
                 totals[name] = None
                 continue
-            kl = kl_divergence(q, p).expand(num_particles, len(xb), *q_fn.event_shape)  # (K, B, *event)
+            kl = closed_form(q, p).expand(num_particles, len(xb), *q_fn.event_shape)  # (K, B, *event)
             part = kl.reshape(num_particles * len(xb), -1).double().sum(0).cpu()  # (D,)
             totals[name] = part if name not in totals else totals[name] + part
     return {name: None if total is None else total / (num_particles * len(x)) for name, total in totals.items()}
@@ -124,14 +123,14 @@ def principal_components(z: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, tor
 def _latent_order(model: Callable, placeholder: torch.Tensor) -> list[tuple[str, torch.Size]]:
     """The model's latent sites in sampling order, with their event shapes."""
     trace = poutine.trace(model).get_trace(placeholder)
-    return [(name, site["fn"].event_shape) for name, site in _sample_sites(trace) if not site["is_observed"]]
+    return [(name, site["fn"].event_shape) for name, site in sample_sites(trace) if not site["is_observed"]]
 
 
 def _decoded_mean(model: Callable, placeholder: torch.Tensor, latents: dict[str, torch.Tensor]) -> torch.Tensor:
     """The mean of the observed site with the given latent values; the other latent sites at
     their prior means given those."""
-    trace = poutine.trace(_Means()(poutine.condition(model, data=latents))).get_trace(placeholder)
-    observed = [site for _, site in _sample_sites(trace) if site["is_observed"] and site["name"] not in latents]
+    trace = poutine.trace(means()(poutine.condition(model, data=latents))).get_trace(placeholder)
+    observed = [site for _, site in sample_sites(trace) if site["is_observed"] and site["name"] not in latents]
     return observed[0]["fn"].mean.expand(placeholder.shape)
 
 

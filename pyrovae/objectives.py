@@ -4,11 +4,17 @@
 over the batch, whose gradient is the objective's reparameterized gradient estimator:
 
 ``elbo``
-    ELBO(x) = E_q[log p(x, z) − log q(z|x)], Monte Carlo over ``num_particles`` draws: Pyro's
-    ``Trace_ELBO.differentiable_loss``, as :func:`pyrovae.train.elbo_loss`.
+    ELBO(x) = E_q[log p(x, z) − log q(z|x)], Monte Carlo over ``num_particles`` draws: the
+    surrogate of Pyro's ``Trace_ELBO`` (:func:`elbo_surrogate`) on the traces ``Trace_ELBO`` makes,
+    −(1/K) Σ_k [Σ_model log p − Σ_guide log q], plus its score-function terms for a guide site that
+    is not reparameterized; the same value and gradients as ``Trace_ELBO.differentiable_loss``,
+    without its host syncs.
 ``mean-field``
     The same bound with KL(q ‖ p) in closed form at each latent site where
-    ``torch.distributions.kl_divergence`` has one: Pyro's ``TraceMeanField_ELBO``.
+    ``torch.distributions.kl_divergence`` has one and it is the site's KL term (:mod:`pyrovae.kl`):
+    Pyro's ``TraceMeanField_ELBO``, except that a site whose prior may depend on a latent the guide
+    draws after it keeps its Monte Carlo term (``TraceMeanField_ELBO`` would use a closed form that
+    is not the term there, and only warn).
 ``iwae``
     L_k(x) = E[log (1/k) Σ_i w_i], w_i = p(x, z_i) / q(z_i|x), k = ``num_particles`` draws
     (Burda et al., 2016), from the engine's per-point log-weights (:func:`pyrovae.evidence.site_log_probs`).
@@ -21,7 +27,7 @@ over the batch, whose gradient is the objective's reparameterized gradient estim
 β and KL warm-up: ``beta`` multiplies the log-densities of the latent sites, log p(z) and log q(z|x),
 in every objective (β = 1: the plain objective; β = 0: reconstruction only). For ``elbo`` and
 ``mean-field`` this is :class:`scale_latents`, a handler that scales latent sites only (``poutine.scale``
-scales every site and refuses 0); the IWAE objectives apply β to the per-site log-weights, so that
+scales every site and refuses 0), under which Pyro's traces carry β in every latent term; the IWAE objectives apply β to the per-site log-weights, so that
 log w_β = log p(x|z) + β (log p(z) − log q(z|x)). :func:`warmup_scale` is the usual linear schedule
 for it (Bowman et al., 2016; Sønderby et al., 2016).
 
@@ -35,18 +41,27 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from typing import Callable, Literal
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import Trace_ELBO
+from pyro.infer.trace_elbo import _compute_log_r
+from pyro.infer.util import is_identically_zero
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .errors import PyrovaeError
-from .evidence import PARTICLE_DIM, SiteLogProbs, site_log_probs
+from .evidence import SiteLogProbs, site_log_probs
+from .kl import site_kl
+from .traces import PARTICLE_DIM, at, latent_values, sample_sites
+
+log = logging.getLogger(__name__)
 
 Objective = Literal["elbo", "mean-field", "iwae", "iwae-dreg"]
 OBJECTIVES: tuple[str, ...] = ("elbo", "mean-field", "iwae", "iwae-dreg")
@@ -60,8 +75,8 @@ class scale_latents(Messenger):
     Use it as a context manager around the loss, so that it covers the model and the guide.
     """
 
-    def __init__(self, scale: float):
-        if not scale >= 0:
+    def __init__(self, scale: float | torch.Tensor):
+        if not torch.is_tensor(scale) and not scale >= 0:  # a 0-d tensor (a captured step's β) is checked by its owner
             raise PyrovaeError(f"the scale of the latent sites (beta) must be at least 0, got {scale}")
         super().__init__()
         self.scale = scale
@@ -88,31 +103,52 @@ def warmup_scale(epoch: int, step: int, steps_per_epoch: int, warmup_epochs: flo
     return min(1.0, ((epoch - 1) * steps_per_epoch + step) / (warmup_epochs * steps_per_epoch))
 
 
+def elbo_surrogate(model_trace, guide_trace, mean_field: bool = False, inapplicable: set | None = None) -> torch.Tensor:
+    """One particle's differentiable ELBO from a pair of Pyro importance traces, as ``Trace_ELBO``
+    (and with ``mean_field``, ``TraceMeanField_ELBO``) builds it:
+
+        Σ_model log p − Σ_guide log q  [+ Σ_s sg(log r_s) · log q_s for guide sites s without reparameterization]
+
+    whose value is the ELBO's (the score-function terms enter the gradient only);
+    with every term scaled as Pyro scales the site (plates, subsampling, β under :class:`scale_latents`).
+    With ``mean_field``, a latent site whose KL(q ‖ p) has a closed form that is the site's term
+    (:func:`pyrovae.kl.site_kl`) contributes −KL instead of log p − log q; the names of sites where a
+    closed form exists but is not applicable are added to ``inapplicable``.
+    """
+    elbo, log_r, analytic = 0.0, None, set()
+    for name, site in sample_sites(model_trace):
+        if mean_field and not site["is_observed"]:
+            kl = site_kl(name, model_trace, guide_trace)
+            if kl.value is not None:
+                guide_site = guide_trace.nodes[name]
+                kl_value = scale_and_mask(kl.value, scale=guide_site["scale"], mask=guide_site["mask"])
+                elbo = elbo - kl_value.sum()
+                analytic.add(name)
+                continue
+            if inapplicable is not None and kl.method != "no closed form":
+                inapplicable.add(name)
+        elbo = elbo + site["log_prob_sum"]
+    for name, site in sample_sites(guide_trace):
+        _, score_function, entropy = site["score_parts"]
+        if name not in analytic:
+            if not is_identically_zero(entropy):
+                elbo = elbo - entropy.sum()
+            else:  # not reparameterized: the value of −log q here, its gradient through the score-function term
+                elbo = elbo - site["log_prob_sum"].detach()
+        if not is_identically_zero(score_function):
+            if log_r is None:
+                log_r = _compute_log_r(model_trace, guide_trace)
+            term = (log_r.sum_to(site["cond_indep_stack"]) * score_function).sum()
+            elbo = elbo + (term - term.detach())  # gradient only: the value stays the ELBO
+    return elbo
+
+
 def _log_w(terms: SiteLogProbs, beta: float) -> torch.Tensor:
     """log p(x|z) + β (log p(z) − log q(z|x)), (K, N)."""
     log_lik = sum(terms.log_likelihood.values())
     if not torch.is_tensor(beta) and beta == 0:
         return log_lik
     return log_lik + beta * (sum(terms.log_prior.values()) - sum(terms.log_q.values()))
-
-
-class _at(Messenger):
-    """Give the named sample sites these values instead of drawing them; unlike ``poutine.condition``
-    the sites stay latent (not observed), so that a model can be replayed on the guide's trace."""
-
-    def __init__(self, values: dict[str, torch.Tensor]):
-        super().__init__()
-        self.values = values
-
-    def _pyro_sample(self, msg) -> None:
-        if msg["name"] in self.values and not msg["is_observed"]:
-            msg["value"] = self.values[msg["name"]]
-            msg["done"] = True
-
-
-def _latent_values(guide_trace) -> dict[str, torch.Tensor]:
-    return {name: site["value"] for name, site in guide_trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)}
 
 
 class Loss:
@@ -131,22 +167,36 @@ class Loss:
         self.model, self.guide = model, guide
         self.num_particles = num_particles
         self.beta = beta
-        if objective in ("elbo", "mean-field"):
-            estimator = Trace_ELBO if objective == "elbo" else TraceMeanField_ELBO
-            self._elbo = estimator(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+        self._traces = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+        self._warned: set[str] = set()
 
-    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        beta = float(self.beta)
-        if not beta >= 0:
+    def __call__(self, x: torch.Tensor, *args, beta: float | torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """−objective summed over the batch at ``x``; ``beta`` (a float, or a 0-d tensor as a captured
+        step passes it) overrides ``self.beta`` for this call."""
+        if beta is None:
+            beta = float(self.beta)
+        if not torch.is_tensor(beta) and not beta >= 0:
             raise PyrovaeError(f"beta must be at least 0, got {beta}")
         if self.objective in ("elbo", "mean-field"):
-            if beta == 1:
-                return self._elbo.differentiable_loss(self.model, self.guide, x, *args, **kwargs)
-            with scale_latents(beta):
-                return self._elbo.differentiable_loss(self.model, self.guide, x, *args, **kwargs)
+            return -self.elbo(x, *args, beta=beta, **kwargs)
         if self.objective == "iwae":
             return -self.iwae(x, *args, beta=beta, **kwargs).sum()
         return self._dreg(x, *args, beta=beta, **kwargs)
+
+    def elbo(self, x: torch.Tensor, *args, beta: float | torch.Tensor = 1.0, **kwargs) -> torch.Tensor:
+        """(1/K) Σ_k :func:`elbo_surrogate` on the traces of ``Trace_ELBO(num_particles=K,
+        vectorize_particles=K > 1)``, β on the latent sites: the batch's ELBO (a differentiable scalar)."""
+        scaled = not (not torch.is_tensor(beta) and beta == 1)
+        inapplicable: set[str] = set()
+        total = 0.0
+        with scale_latents(beta) if scaled else contextlib.nullcontext():
+            for model_trace, guide_trace in self._traces._get_traces(self.model, self.guide, (x, *args), kwargs):
+                total = total + elbo_surrogate(model_trace, guide_trace, self.objective == "mean-field", inapplicable)
+        for name in inapplicable - self._warned:
+            self._warned.add(name)
+            log.warning("mean-field: the closed-form KL at latent site %r is not its KL term (its prior may depend on a "
+                        "latent the guide draws after it); that site uses its Monte Carlo term instead", name)
+        return total / self.num_particles
 
     def iwae(self, x: torch.Tensor, *args, beta: float | torch.Tensor = 1.0, **kwargs) -> torch.Tensor:
         """L_k(x_n) on one set of k draws per point, differentiable, (N,); ``beta`` may be a 0-d tensor."""
@@ -169,9 +219,9 @@ class Loss:
         k = self.num_particles
         with pyro.plate("particles", k, dim=PARTICLE_DIM):
             guide_trace = poutine.trace(self.guide).get_trace(x, *args, **kwargs)
-        paths = _latent_values(guide_trace)  # z_i(φ)
+        paths = latent_values(guide_trace)  # z_i(φ)
         leaves = {name: z.detach().requires_grad_() for name, z in paths.items()}
-        terms = site_log_probs(self.model, _at(leaves)(self.guide), x, k, *args, analytic_kl=False, **kwargs)
+        terms = site_log_probs(self.model, at(leaves)(self.guide), x, k, *args, analytic_kl=False, **kwargs)
         log_w = _log_w(terms, beta)  # (K, N)
         grads = torch.autograd.grad(log_w.sum(), list(leaves.values()), retain_graph=True, allow_unused=True)
         w = torch.softmax(log_w.detach(), 0)  # normalized weights w̃, (K, N)
@@ -189,6 +239,11 @@ class Loss:
         return -(value + surrogate - surrogate.detach())
 
 
+def elbo_loss(model: Callable, guide: Callable, num_particles: int = 1) -> Loss:
+    """x ↦ −ELBO(x) summed over the batch (``Trace_ELBO``'s loss): ``loss("elbo", model, guide, num_particles)``."""
+    return Loss("elbo", model, guide, num_particles)
+
+
 def loss(objective: str, model: Callable, guide: Callable, num_particles: int = 1, beta: float = 1.0) -> Loss:
     """A differentiable loss x ↦ −objective(x) summed over the batch, for ``SVI``-style training.
 
@@ -196,10 +251,10 @@ def loss(objective: str, model: Callable, guide: Callable, num_particles: int = 
     docstring); ``num_particles`` is the number of draws per point (k for the IWAE bounds); ``beta``
     scales the latent sites' log-densities (settable later through the returned object's ``beta``).
 
-    .. warning:: ``mean-field`` is right only when each guide site's parents in the model are not
-       its descendants in the guide (e.g. a mean-field guide sampling in the model's order); Pyro
-       warns when the orders differ (the bottom-up guide of :func:`pyrovae.models.two_layer`).
-       Where ``kl_divergence`` has no closed form for a site — mixtures, VampPrior, flow priors or
+    .. warning:: ``mean-field`` uses a closed form only where it is the site's KL term: at a site
+       whose prior may depend on a latent the guide draws after it (the bottom-up guide of
+       :func:`pyrovae.models.two_layer` at ``z2``) it keeps the Monte Carlo term and logs a warning
+       once (:mod:`pyrovae.kl`). Where ``kl_divergence`` has no closed form for a site — mixtures, VampPrior, flow priors or
        the IAF guide, Normal ‖ StudentT — it silently falls back to the Monte Carlo term
        log p(z) − log q(z|x) for that site, which is exactly what ``elbo`` computes there. Closed
        forms exist for Normal ‖ Normal, Normal ‖ Laplace and (registered by
@@ -211,4 +266,4 @@ def loss(objective: str, model: Callable, guide: Callable, num_particles: int = 
     return Loss(objective, model, guide, num_particles, beta)
 
 
-__all__ = ["OBJECTIVES", "Loss", "loss", "warmup_scale", "scale_latents"]
+__all__ = ["OBJECTIVES", "Loss", "elbo_loss", "elbo_surrogate", "loss", "warmup_scale", "scale_latents"]

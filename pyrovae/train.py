@@ -1,9 +1,10 @@
 """Training by stochastic variational inference with Pyro's ``Trace_ELBO``.
 
 The loss is Pyro's reparameterized ELBO estimator, −ELBO = −E_q[log p(x, z) − log q(z | x)],
-summed over the minibatch as ``SVI(model, guide, optim, Trace_ELBO()).step(x)`` returns it.
-The fast path differentiates ``Trace_ELBO().differentiable_loss`` and steps one ``torch.optim.Adam``
-over exactly the parameters ``SVI`` would train (found as ``SVI`` finds them, :mod:`pyrovae.params`):
+summed over the minibatch as ``SVI(model, guide, optim, Trace_ELBO()).step(x)`` returns it (or
+another objective of :mod:`pyrovae.objectives`). Each step differentiates that surrogate, built from
+Pyro's own traces, and steps one ``torch.optim.Adam`` (:mod:`pyrovae.step`) over exactly the
+parameters ``SVI`` would train (found as ``SVI`` finds them, :mod:`pyrovae.params`):
 the same loss and gradients as ``SVI`` with ``pyro.optim.Adam`` (which keeps one optimizer per
 parameter), with the state saved and resumed as torch state dicts.
 """
@@ -16,21 +17,18 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-import pyro
 import torch
-from pyro.infer import Trace_ELBO
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import contract, params as parameters
-from .errors import PyrovaeError
+from .capture import CAPTURED_OBJECTIVES, CapturedStep
 from .context import fast_context
+from .errors import PyrovaeError
+from .objectives import elbo_loss, loss as objective_loss, warmup_scale
+from .step import TrainingDiverged, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(PyrovaeError):
-    """The loss became nan or infinite; the parameters were left as they were before that step."""
 
 
 @dataclass
@@ -73,19 +71,6 @@ class Progress:
         return asdict(self)
 
 
-def elbo_loss(model: Callable, guide: Callable, num_particles: int = 1) -> Callable[..., torch.Tensor]:
-    """x ↦ −ELBO(x) summed over the batch: Pyro's differentiable ``Trace_ELBO`` loss.
-
-    Run it under :func:`fast_context`.
-    """
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
-
-    def loss(*args, **kwargs) -> torch.Tensor:
-        return elbo.differentiable_loss(model, guide, *args, **kwargs)
-
-    return loss
-
-
 @dataclass
 class Monitor:
     """The best validation ELBO so far, for ``best.pt`` and early stopping (saved in checkpoints)."""
@@ -107,7 +92,6 @@ class Monitor:
 
 
 LR_SCHEDULES = ("none", "cosine", "plateau")
-CAPTURED_OBJECTIVES = ("elbo", "mean-field", "iwae")  # what pyrovae.capture.CapturedStep computes; others run eagerly
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
@@ -119,59 +103,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     if config.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=5)
     raise PyrovaeError(f"unknown learning-rate schedule {config.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
-
-
-def make_optimizer(params, lr: float) -> torch.optim.Adam:
-    """Adam, with torch's fused kernel (one pass over all parameters per step)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
-
-
-def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, *args, clip_grad: float | None = None,
-               norms: list | None = None, sync: Callable[[torch.Tensor], float] | None = None) -> float:
-    """One optimizer step on the loss at x; returns the loss.
-
-    Raises :class:`TrainingDiverged` before stepping if the loss or a gradient is nan or infinite,
-    so the parameters are never corrupted. With ``clip_grad``, the gradient's total norm is clipped
-    to it before the step; ``norms``, if given, gets the gradient's norm (before clipping) appended.
-    ``sync(loss) -> total loss`` sums the loss and the gradients over processes
-    (:func:`pyrovae.distributed.sum_over_processes`) between the backward pass and the checks.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(x, *args)
-    if sync is None:
-        value = check_loss(loss.item())
-        loss.backward()
-    else:  # several processes: every one reaches the collective, and all decide on the sums
-        loss.backward()
-        value = check_loss(sync(loss))
-    return update(optimizer, value, clip_grad, norms)
-
-
-def check_loss(value: float) -> float:
-    """``value``, or :class:`TrainingDiverged` if it is nan or infinite."""
-    if not math.isfinite(value):
-        raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
-    return value
-
-
-def update(optimizer: torch.optim.Optimizer, value: float, clip_grad: float | None = None, norms: list | None = None,
-           norm: torch.Tensor | None = None, norm_value: float | None = None) -> float:
-    """The optimizer step once the gradients are in ``.grad`` and the loss ``value`` is checked:
-    :class:`TrainingDiverged` if their total norm (``norm``, computed from them when None; read as
-    ``norm_value`` when given) is not finite, else the norm appended to ``norms``, the gradients
-    clipped to ``clip_grad``, the step taken; returns ``value``."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if norm is None:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    norm_value = norm.item() if norm_value is None else norm_value
-    if not math.isfinite(norm_value):
-        raise TrainingDiverged(f"the gradient became {norm_value} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
-    if norms is not None:
-        norms.append(norm_value)
-    if clip_grad is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
-    optimizer.step()
-    return value
 
 
 @torch.no_grad()
@@ -226,8 +157,6 @@ def fit(
     ``batches`` then yields each global batch's indices with this process's rows.
     The held-out ELBOs use the same draws of z in every epoch (and every process).
     """
-    from .objectives import loss as objective_loss, warmup_scale
-
     if optimizer is None:
         sample = first_batch(batches)
         contract.check(module.model, module.guide, sample, "the training data")
@@ -235,8 +164,6 @@ def fit(
     loss_fn = objective_loss(config.objective, module.model, module.guide, config.num_particles, config.beta)
     captured = None
     if config.capture and config.objective in CAPTURED_OBJECTIVES:
-        from .capture import CapturedStep
-
         trained = {str(i): p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         mode = None if config.capture in (True, "auto") else config.capture
         captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta, mode, config.objective)

@@ -1,0 +1,154 @@
+"""Pyro traces of a (model, guide) pair: the one way every estimator and objective reads them.
+
+The idiom everything is built on: run the guide under an outer ``pyro.plate("particles", K, dim=-2)``,
+replay the model on its draws, and read each site's own Pyro distribution from the two traces::
+
+    with pyro.plate("particles", K, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+
+so that a site's log-density has shape (K, N): K particles, N data points (the contract puts the data
+plate at dim −1 and every other dimension in the event). Pyro's own ``vectorized_importance_weights``
+sums over the data plate; these traces keep one column per data point.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from .errors import ContractError
+
+PARTICLE_DIM = -2
+"""The particle plate's dim: one left of the data plate (dim −1)."""
+
+log = logging.getLogger(__name__)
+
+
+def sample_sites(trace) -> Iterator[tuple[str, dict]]:
+    """(name, site) of every sample site of ``trace`` in the order it ran, subsample sites left out."""
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            yield name, site
+
+
+def latent_values(trace) -> dict[str, torch.Tensor]:
+    """{name: value} of the trace's latent (unobserved) sample sites."""
+    return {name: site["value"] for name, site in sample_sites(trace) if not site["is_observed"]}
+
+
+def check_data_plate(name: str, site: dict, program: str) -> None:
+    """ContractError unless ``site`` is inside ``pyro.plate("data", ...)`` at dim −1."""
+    frames = [f for f in site["cond_indep_stack"] if f.name == "data"]
+    if not frames or frames[0].dim != -1:
+        raise ContractError(
+            f"site {name!r} of the {program} is not inside pyro.plate('data', ...) at dim -1: "
+            "data points must be the rightmost batch dimension of every site (use .to_event() for the rest)"
+        )
+
+
+def _log_prob(fn, value: torch.Tensor) -> torch.Tensor:
+    return fn.log_prob(value)
+
+
+_compiled_log_prob: Callable | None = None
+
+
+def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
+    """``fn.log_prob(value)`` compiled by ``torch.compile`` into one fused kernel (the sum over the
+    event included); eager if compilation is unavailable or fails."""
+    global _compiled_log_prob
+    if _compiled_log_prob is None:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
+        _compiled_log_prob = torch.compile(_log_prob)
+    if _compiled_log_prob is not _log_prob:
+        try:
+            return _compiled_log_prob(fn, value)
+        except Exception as e:  # no C compiler, an unsupported distribution, …
+            log.warning("torch.compile of a log-density failed (%s); continuing in eager mode", e)
+            _compiled_log_prob = _log_prob
+    return fn.log_prob(value)
+
+
+def unscaled_log_prob(name: str, site: dict, shape: torch.Size, compiled: bool = False) -> torch.Tensor:
+    """log p(value) of ``site`` without Pyro's scale (subsampling, β), checked to be ``shape`` = (K, N)."""
+    log_p = (fused_log_prob if compiled else _log_prob)(site["fn"], site["value"])
+    if log_p.shape != shape:
+        raise ContractError(
+            f"site {name!r} has log-probability shape {tuple(log_p.shape)}, expected (particles, data) = {tuple(shape)}: "
+            "declare every dimension but the data dimension as an event dimension with .to_event(n)"
+        )
+    return log_p
+
+
+def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args, **kwargs):
+    """(guide trace, model trace): the guide run under ``pyro.plate("particles", K, dim=-2)``, K =
+    ``num_particles`` draws per data point, and the model replayed on its draws. Sites of the model
+    that the guide did not sample (the observed site, or a latent the guide left out) are drawn or
+    scored by the model as usual."""
+    with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
+        guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
+    return guide_trace, model_trace
+
+
+def replay_traces(model: Callable, guide: Callable, values, x: torch.Tensor, num_particles: int, *args,
+                  guide_too: bool = True, **kwargs):
+    """(guide trace or None, model trace) with the latent sites at ``values`` (a trace), under the
+    particle plate: the model's and (with ``guide_too``) the guide's densities at given latents, as
+    annealing needs them."""
+    with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
+        model_trace = poutine.trace(poutine.replay(model, trace=values)).get_trace(x, *args, **kwargs)
+        guide_trace = poutine.trace(poutine.replay(guide, trace=values)).get_trace(x, *args, **kwargs) if guide_too else None
+    return guide_trace, model_trace
+
+
+class at(Messenger):
+    """Give the named sample sites these values instead of drawing them; unlike ``poutine.condition``
+    the sites stay latent (not observed), so that a model can be replayed on a guide's trace."""
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"] = self.values[msg["name"]]
+            msg["done"] = True
+
+
+class means(Messenger):
+    """Take the mean of each latent site's distribution instead of a draw (a draw where the
+    distribution has no closed-form mean, e.g. a flow)."""
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["value"] is None and not site_is_subsample(msg):
+            try:
+                msg["value"] = msg["fn"].mean
+            except NotImplementedError:
+                pass
+
+
+def guide_means(guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mean of q at each latent site, each later site given the means of the earlier ones."""
+    trace = poutine.trace(means()(guide)).get_trace(x)
+    return {name: site["value"] for name, site in sample_sites(trace)}
+
+
+def observed_mean(model: Callable, x: torch.Tensor, latents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Run ``model(x)`` with its latent sites set to ``latents`` (or drawn from the prior where absent);
+    return the mean of the observed site, shaped like ``x``."""
+    program = poutine.condition(model, data=latents) if latents else model
+    trace = poutine.trace(program).get_trace(x)
+    observed = [site for _, site in sample_sites(trace) if site["is_observed"] and site["name"] not in (latents or {})]
+    return observed[0]["fn"].mean.expand(x.shape)
+
+
+__all__ = ["PARTICLE_DIM", "at", "check_data_plate", "fused_log_prob", "guide_means", "latent_values", "means",
+           "observed_mean", "particle_traces", "replay_traces", "sample_sites", "unscaled_log_prob"]
