@@ -13,14 +13,8 @@ and between two increments takes one HMC transition that leaves f_{β_t} invaria
 T = 1 is plain importance sampling from f_0). Then E[w] = p(x), and
 log p̂(x) = log (1/M) Σ_m w_m is, by Jensen, a stochastic lower bound on log p(x) (Neal 2001).
 
-HMC runs on all latent sites at once, flattened and concatenated, in unconstrained space: a site
-with a constrained support is mapped by ``biject_to(site["fn"].support)``, and the log-abs-det
-Jacobian is added to both log f_0 and log p(x, z) (it cancels in the weights). Every density is the
-sites' own Pyro distribution: log p(x, z) by ``poutine.replay`` of the model on a trace holding the
-chains' current values, log q(z | x) by replaying the guide on the same values (so a guide site
-whose distribution depends on earlier latents is scored with those latents' current values), all
-under an outer ``pyro.plate("particles", chains, dim=-2)`` as in :mod:`pyrovae.evidence`. Gradients
-come from ``torch.autograd.grad``. Points are processed ``batch_size`` at a time, every point's
+HMC (:mod:`pyrovae.hmc`) runs on all latent sites at once, in unconstrained space, with the densities
+of the path (:mod:`pyrovae.annealing`). Points are processed ``batch_size`` at a time, every point's
 chains together.
 
 The step size is adapted per data point toward an acceptance rate of 0.65, from past transitions
@@ -39,11 +33,9 @@ transitions, whose weights are discarded. The M estimating chains share the adap
 the tuning chains their weights are independent with E[w_m] = p(x), log p̂(x) is a stochastic lower
 bound (E log p̂(x) ≤ log p(x)), and the delta-method standard error across chains is the right one.
 
-Speed: Pyro's tracing costs about a millisecond per call, more than a small decoder's arithmetic.
-When a pass evaluates the density often enough (``capture="auto"``), it is traced once per pass with
-``make_fx`` into a graph of tensor operations — model, guide, log-densities and both backward passes,
-parameters and data as constants, what does not depend on z (the encoder) computed once — and the
-graph is replayed; it is checked against the eager evaluation before use.
+Speed: when a pass evaluates the density often enough (``capture="auto"``), the density is traced
+once per pass into a graph of tensor operations (:func:`pyrovae.annealing.captured_density`) and
+replayed, checked against the eager evaluation before use.
 
 BDMC (Grosse, Ghahramani & Adams 2015) brackets log p(x) on data simulated from the model, where an
 exact posterior sample is known: (z, x) ~ p(z) p(x | z). Forward AIS gives the lower bound; reverse
@@ -63,29 +55,23 @@ References:
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal
 
 import torch
 from pyro import poutine
-from pyro.distributions.transforms import biject_to
-from pyro.poutine.trace_struct import Trace
-from torch.distributions.transforms import ComposeTransform, IndependentTransform
-from torch.fx.experimental.const_fold import split_const_subgraphs
-from torch.fx.experimental.proxy_tensor import make_fx
 from tqdm.auto import tqdm
 
 from . import contract, estimators
+from .annealing import SCHEDULES, AnnealingPath, Start, captured_density, linear_schedule, sigmoid_schedule
 from .context import fast_context
 from .diagnostics import effective_sample_size
 from .errors import ContractError, PyrovaeError
 from .estimators import Estimate
+from .hmc import State, hmc_transition
 from .seeds import batch_seed
-from .traces import check_data_plate, particle_traces, replay_traces, sample_sites, unscaled_log_prob
+from .traces import sample_sites
 
 DEFAULT_STEPS = 500  # T
 DEFAULT_CHAINS = 16  # M
@@ -97,273 +83,6 @@ TUNE_CHAINS = 2
 PASS_SIZE = 4096  # chains × points per pass when the batch size is not given
 AIS_STREAM = (0, 1)  # the key of AIS's draws under a seed, apart from the importance sampling's (see batch_seed)
 CAPTURE_MIN_EVALUATIONS = 500  # capture="auto" traces the density when a pass evaluates it at least this often
-log = logging.getLogger(__name__)
-
-Start = Literal["guide", "prior"]
-
-
-# ---------------------------------------------------------------- schedules
-
-
-def sigmoid_schedule(num_steps: int, radius: float = 4.0) -> torch.Tensor:
-    """β_0..β_T, (T+1,) float64: σ(s) for s evenly spaced in [−radius, radius], rescaled to run from
-    exactly 0 to exactly 1 (Grosse et al. 2015; Wu et al. 2017 use radius 4). Small steps at both ends."""
-    if num_steps < 1:
-        raise PyrovaeError(f"the number of AIS steps must be at least 1, got {num_steps}")
-    if num_steps == 1:
-        return torch.tensor([0.0, 1.0], dtype=torch.float64)
-    s = torch.sigmoid(torch.linspace(-radius, radius, num_steps + 1, dtype=torch.float64))
-    betas = (s - s[0]) / (s[-1] - s[0])
-    betas[0], betas[-1] = 0.0, 1.0
-    return betas
-
-
-def linear_schedule(num_steps: int) -> torch.Tensor:
-    """β_t = t / T, (T+1,) float64."""
-    if num_steps < 1:
-        raise PyrovaeError(f"the number of AIS steps must be at least 1, got {num_steps}")
-    return torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
-
-
-SCHEDULES = {"sigmoid": sigmoid_schedule, "linear": linear_schedule}
-
-
-# ---------------------------------------------------------------- HMC
-
-
-class State(NamedTuple):
-    """Chains at unconstrained position u (C, B, D), with the two parts of their log-density:
-
-    ``log_f0`` = log f_0(z(u)) + log |det ∂z/∂u|, ``log_ratio`` = log p(x, z) − log f_0(z), both (C, B),
-    and their gradients in u, (C, B, D). The intermediate target is log f_β = log_f0 + β · log_ratio.
-    """
-
-    u: torch.Tensor
-    log_f0: torch.Tensor
-    log_ratio: torch.Tensor
-    grad_log_f0: torch.Tensor
-    grad_log_ratio: torch.Tensor
-
-
-def _where(mask: torch.Tensor, new: State, old: State) -> State:
-    return State(*(torch.where(mask if a.dim() == 2 else mask[..., None], a, b) for a, b in zip(new, old)))
-
-
-def hmc_transition(
-    state: State, density: Callable[[torch.Tensor], State], beta: float, step_size: torch.Tensor, num_leapfrog: int,
-) -> tuple[State, torch.Tensor]:
-    """One HMC transition (Neal 2011) leaving f_β invariant, for every chain: momentum v ~ N(0, I)
-    drawn afresh, ``num_leapfrog`` leapfrog steps of size ``step_size`` ((B,), one per point, or a
-    scalar), then a Metropolis accept/reject per chain. Returns the new state and the acceptance
-    probabilities min(1, e^{−ΔH}), (C, B); a proposal whose energy is nan is rejected.
-    """
-    eps = step_size if step_size.dim() == 0 else step_size[:, None]  # (B, 1): broadcasts over (C, B, D)
-
-    def energy(s: State, v: torch.Tensor) -> torch.Tensor:
-        return -(s.log_f0 + beta * s.log_ratio) + 0.5 * (v * v).sum(-1)
-
-    def grad_potential(s: State) -> torch.Tensor:
-        return -(s.grad_log_f0 + beta * s.grad_log_ratio)
-
-    v0 = torch.randn_like(state.u)
-    s, v = state, v0 - 0.5 * eps * grad_potential(state)
-    for step in range(num_leapfrog):
-        s = density(s.u + eps * v)
-        v = v - (eps if step < num_leapfrog - 1 else 0.5 * eps) * grad_potential(s)
-    log_accept = (energy(state, v0) - energy(s, v)).clamp(max=0.0).nan_to_num(nan=-math.inf)
-    accept = torch.rand_like(log_accept).log() < log_accept
-    return _where(accept, s, state), log_accept.exp()
-
-
-# ---------------------------------------------------------------- the annealing path of a (model, guide) pair
-
-
-def _is_identity(t) -> bool:
-    base = t.base_transform if isinstance(t, IndependentTransform) else t
-    return isinstance(base, ComposeTransform) and not base.parts
-
-
-@dataclass
-class _Site:
-    name: str
-    transform: object  # constrained ← unconstrained; None for the identity
-    shape: torch.Size  # unconstrained event shape
-    size: int  # its number of elements
-
-
-class _Path:
-    """The densities of the annealing path for C chains on each of the B points of x, as functions of
-    the chains' flattened unconstrained latents u (C, B, D)."""
-
-    def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, num_chains: int, start: Start, args, kwargs):
-        self.model, self.guide, self.x, self.start, self.args, self.kwargs = model, guide, x, start, args, kwargs
-        self.shape = torch.Size([num_chains, x.shape[0]])  # (C, B)
-        with torch.no_grad():
-            first, model_trace = particle_traces(model, guide if start == "guide" else model, x, num_chains, *args, **kwargs)
-        self.sites: list[_Site] = []
-        values = {}
-        for name, site in sample_sites(model_trace):
-            check_data_plate(name, site, "model")
-            if site["is_observed"]:
-                continue
-            if start == "guide" and name not in first.nodes:
-                raise ContractError(f"the guide does not sample latent site {name!r} of the model: a guide must sample every latent site")
-            value = site["value"]
-            if value.shape[:2] != self.shape:
-                raise ContractError(
-                    f"latent site {name!r} has shape {tuple(value.shape)} under {num_chains} particles, expected "
-                    f"(particles, data, *event) = {tuple(self.shape)} + …: all latent sites must be local to each data point"
-                )
-            try:
-                transform = biject_to(site["fn"].support)
-            except NotImplementedError:
-                raise ContractError(f"latent site {name!r} has support {site['fn'].support}: HMC needs continuous latents "
-                                    "with a bijection to real space") from None
-            transform = None if _is_identity(transform) else transform
-            shape = value.shape[2:] if transform is None else transform.inverse_shape(value.shape)[2:]
-            self.sites.append(_Site(name, transform, shape, shape.numel()))
-            values[name] = value
-        if start == "guide":
-            extra = [name for name, _ in sample_sites(first) if name not in values]
-            if extra:
-                raise ContractError(f"the guide samples {extra}, which the model has no latent site for: AIS needs q over the model's latents only")
-        if not self.sites:
-            raise ContractError("the model has no latent sites to anneal over")
-        self.initial = self.to_unconstrained(values)
-
-    def to_unconstrained(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{site: (C, B, *event) or (B, *event)} → u (C, B, D)."""
-        parts = []
-        for s in self.sites:
-            v = values[s.name].detach()
-            u = v if s.transform is None else s.transform.inv(v)
-            parts.append(u.expand(*self.shape, *s.shape).reshape(*self.shape, s.size))
-        return torch.cat(parts, -1)
-
-    def _unflatten(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | float]:
-        values, log_det, start = {}, 0.0, 0
-        for s in self.sites:
-            us = u[..., start:start + s.size].reshape(*self.shape, *s.shape)
-            start += s.size
-            if s.transform is None:
-                values[s.name] = us
-            else:
-                z = s.transform(us)
-                values[s.name] = z
-                log_det = log_det + s.transform.log_abs_det_jacobian(us, z).reshape(*self.shape, -1).sum(-1)
-        return values, log_det
-
-    def __call__(self, u: torch.Tensor) -> State:
-        with torch.enable_grad():
-            u = u.detach().requires_grad_(True)
-            values, log_det = self._unflatten(u)
-            chains = Trace()
-            for name, value in values.items():
-                chains.add_node(name, name=name, type="sample", is_observed=False, value=value, infer={})
-            guide_trace, model_trace = replay_traces(self.model, self.guide, chains, self.x, self.shape[0], *self.args,
-                                                     guide_too=self.start == "guide", **self.kwargs)
-            log_lik = log_prior = 0.0
-            for name, site in sample_sites(model_trace):
-                log_p = unscaled_log_prob(name, site, self.shape)
-                if site["is_observed"]:
-                    log_lik = log_lik + log_p
-                else:
-                    log_prior = log_prior + log_p
-            if guide_trace is None:
-                log_f0 = log_prior + log_det
-                log_p = log_f0 + log_lik
-            else:
-                log_q = sum(unscaled_log_prob(s.name, guide_trace.nodes[s.name], self.shape) for s in self.sites)
-                log_f0 = log_q + log_det
-                log_p = log_lik + log_prior + log_det
-            grad_f0, = torch.autograd.grad(log_f0.sum(), u, retain_graph=True)
-            grad_p, = torch.autograd.grad(log_p.sum(), u)
-        return State(u.detach(), log_f0.detach(), (log_p - log_f0).detach(), grad_f0, grad_p - grad_f0)
-
-
-def _capture(path: _Path, state: State) -> Callable[[torch.Tensor], State]:
-    """``path`` as one graph of tensor operations: the model, the guide, their log-densities and the
-    backward passes traced once by ``make_fx`` at ``state`` (parameters and data become constants),
-    simplified (:func:`_simplify`) and with the parts that do not depend on u (the encoder on x,
-    transposed weights) computed once. Replaying it skips Pyro's per-call tracing. The trace fixes
-    Python control flow at its first evaluation, so the graph is checked against ``state``; ``path``
-    itself is returned (with a logged warning) if tracing fails or disagrees.
-    """
-    def f(u):
-        return tuple(path(u)[1:])
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # const_fold warns about the attributes it creates
-            with _one_fake_mode():
-                graph = make_fx(f)(state.u)
-            _simplify(graph)
-            graph = split_const_subgraphs(graph)
-            with torch.no_grad():
-                replayed = graph(state.u)
-    except Exception as e:  # an operation make_fx cannot trace
-        log.warning("tracing the AIS log-density failed (%s: %s); continuing without tracing", type(e).__name__, e)
-        return path
-    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True) for a, b in zip(replayed, state[1:])):
-        log.warning("the traced AIS log-density differs from the model's (Python control flow that depends on "
-                    "the latent values?); continuing without tracing")
-        return path
-
-    def density(u: torch.Tensor) -> State:
-        with torch.no_grad():  # the graph holds its backward pass: no autograd needed
-            return State(u, *graph(u))
-
-    return density
-
-
-def _one_fake_mode():
-    """A context in which ``make_fx`` describes every traced value with one fake-tensor mode instead
-    of a new one per value (each of which records a Python stack trace): halves the tracing time.
-    Internal torch API, so anything but the current behaviour falls back to the default."""
-    try:
-        from torch._guards import TracingContext, tracing
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
-    except Exception:  # a torch without these
-        return contextlib.nullcontext()
-
-
-_aten = torch.ops.aten
-_IDENTITY_IF_SAME = {_aten.alias.default, _aten.view.default, _aten.expand.default, _aten._unsafe_view.default}
-_NEUTRAL = {_aten.add.Tensor: 0, _aten.sub.Tensor: 0, _aten.mul.Tensor: 1, _aten.mul.Scalar: 1, _aten.div.Tensor: 1,
-            _aten.pow.Tensor_Scalar: 1}
-
-
-def _simplify(graph_module: torch.fx.GraphModule) -> None:
-    """Drop operations that return their input unchanged (aliases, views and expansions to the same
-    shape, + 0, × 1, ^ 1: each costs a Python call per evaluation), and turn ``ones_like``/``zeros_like``
-    (the seeds of the backward passes) into constants, so that constant folding takes the chains
-    that start from them. Only for graphs without in-place operations."""
-    graph = graph_module.graph
-    functions = [n for n in graph.nodes if n.op == "call_function"]
-    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in functions):
-        return
-    for node in functions:
-        value, source = node.meta.get("val"), node.args[0] if node.args else None
-        if node.target in (_aten.ones_like.default, _aten.zeros_like.default) and isinstance(value, torch.Tensor):
-            name = f"_seed{len(graph_module._buffers)}"
-            fill = torch.ones if node.target is _aten.ones_like.default else torch.zeros
-            graph_module.register_buffer(name, fill(value.shape, dtype=value.dtype, device=value.device))
-            with graph.inserting_before(node):
-                node.replace_all_uses_with(graph.get_attr(name))
-            graph.erase_node(node)
-            continue
-        before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
-        same = (isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor) and value.shape == before.shape
-                and value.dtype == before.dtype and value.stride() == before.stride())
-        neutral = node.target in _NEUTRAL and len(node.args) == 2 and not node.kwargs and \
-            isinstance(node.args[1], (int, float)) and node.args[1] == _NEUTRAL[node.target]
-        if same and (node.target in _IDENTITY_IF_SAME or neutral):
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    graph_module.recompile()
 
 
 # ---------------------------------------------------------------- one pass: the chains of a batch of points
@@ -447,10 +166,10 @@ class AISResult:
             "num_steps": self.num_steps, "num_chains": self.num_chains, "num_leapfrog": self.num_leapfrog,
             "start": self.start, "bound": self.bound,
             "log_px": self.log_px.mean(),
-            "log_px_stderr_mean": _nanmean(self.log_px.stderr),
+            "log_px_stderr_mean": torch.nanmean(self.log_px.stderr).item(),
             "ess_mean": self.ess.mean().item(),
-            "accept_mean": _nanmean(self.accept),
-            "step_size_mean": _nanmean(self.step_size),
+            "accept_mean": torch.nanmean(self.accept).item(),
+            "step_size_mean": torch.nanmean(self.step_size).item(),
         }
 
     def per_point(self) -> dict[str, list]:
@@ -486,7 +205,7 @@ class BDMCResult:
 
     def summary(self) -> dict:
         return {"num_points": len(self.x), "lower": self.lower.summary(), "upper": self.upper.summary(),
-                "gap": self.gap.mean(), "gap_stderr_mean": _nanmean(self.gap.stderr)}
+                "gap": self.gap.mean(), "gap_stderr_mean": torch.nanmean(self.gap.stderr).item()}
 
     def per_point(self) -> dict[str, list]:
         return {"lower": self.lower.log_px.value.tolist(), "lower_stderr": self.lower.log_px.stderr.tolist(),
@@ -515,11 +234,6 @@ def _row(name: str, value: float, stderr: float) -> str:
     return f"{name:<{ROW_WIDTH}}  {cells[0]:>10}  {cells[1]:>8}".rstrip()
 
 
-def _nanmean(t: torch.Tensor) -> float:
-    ok = ~t.isnan()
-    return t[ok].mean().item() if ok.any() else math.nan
-
-
 def _result(log_w: torch.Tensor, accept, step_size, settings: dict, bound: str) -> AISResult:
     est = estimators.log_px(log_w)
     if bound == "upper":  # w_rev estimates 1/p(x): the bound is −log mean w_rev, with the same s.e.
@@ -544,7 +258,7 @@ class AISSettings:
     schedule: str | torch.Tensor = "sigmoid"  # "sigmoid", "linear", or T + 1 values from 0 to 1
     start: Start = "guide"  # f_0: the guide q(z | x) or the prior p(z)
     batch_size: int | None = None  # points per pass; default: as many as fit PASS_SIZE chains
-    capture: bool | Literal["auto"] = "auto"  # replay the log-density as a traced graph (see _capture); "auto": when
+    capture: bool | Literal["auto"] = "auto"  # replay the log-density as a traced graph (annealing.captured_density); "auto": when
     # a pass evaluates it at least CAPTURE_MIN_EVALUATIONS times, so that tracing (≈ 0.15 s; ≈ 2 s the first time in a process) pays
 
     def check(self) -> None:
@@ -633,10 +347,10 @@ def simulate(model: Callable, x: torch.Tensor, *args) -> tuple[torch.Tensor, dic
     return x_sim.to(x.dtype), latents
 
 
-def _start(path: _Path, u: torch.Tensor, capture: bool) -> tuple[Callable[[torch.Tensor], State], State]:
+def _start(path: AnnealingPath, u: torch.Tensor, capture: bool) -> tuple[Callable[[torch.Tensor], State], State]:
     """The chains' first state at u, and the density function to move them with."""
     state = path(u)
-    return (_capture(path, state) if capture else path), state
+    return (captured_density(path, state) if capture else path), state
 
 
 def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | None, progress: bool,
@@ -662,7 +376,7 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
                 torch.manual_seed(batch_seed(seed, first_row + begin, *AIS_STREAM))
             on_step = (lambda: bar.update(B / (s.num_steps - 1))) if progress else None
             eps0 = torch.full((B,), float(s.step_size), dtype=torch.float64, device=x.device)
-            path = _Path(model, guide, xb, C, s.start, args, {})
+            path = AnnealingPath(model, guide, xb, C, s.start, args, {})
             density, state = _start(path, path.initial, s.capturing)
             forward = _anneal(density, state, betas, s.num_leapfrog, eps0, slice(M, C) if s.adapting else None,
                               target_accept=s.target_accept, on_step=on_step)
@@ -673,7 +387,7 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
                 bar.update(B * passes)
             if latents is None:
                 continue
-            path = _Path(model, guide, xb, M, s.start, args, {})
+            path = AnnealingPath(model, guide, xb, M, s.start, args, {})
             exact = path.to_unconstrained({name: value[rows] for name, value in latents.items()})
             density, state = _start(path, exact, s.capturing)
             reverse = _anneal(density, state, betas.flip(0), s.num_leapfrog, eps0,
@@ -686,3 +400,7 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
     if latents is None:
         return lower, None
     return lower, _result(torch.cat(out["log_w_rev"], 1), torch.cat(out["accept_rev"]), step, info, "upper")
+
+
+__all__ = ["AISResult", "AISSettings", "BDMCResult", "SCHEDULES", "State", "ais", "bdmc", "hmc_transition",
+           "linear_schedule", "sigmoid_schedule", "simulate"]

@@ -68,8 +68,8 @@ from typing import Callable, NamedTuple
 
 import torch
 from pyro import poutine
-from torch.fx.experimental.proxy_tensor import make_fx
 
+from . import graphs
 from .context import fast_context
 from .errors import PyrovaeError
 from .objectives import loss as objective_loss
@@ -191,25 +191,11 @@ class CapturedStep:
             x, *args = [data[a.index] if isinstance(a, _Input) else a for a in template]
             return self._grad_step(x, tuple(args), beta, leaves)
 
-        devices = {t.device for t in (*tensors, *self._leaves) if t.device.type == "cuda"}
-        cpu_state = torch.get_rng_state()
-        cuda_states = {d: torch.cuda.get_rng_state(d) for d in devices}
-        try:  # tracing (and the CUDA graph's warm-up) draw noise: give it back
+        with graphs.preserved_rng([*tensors, *self._leaves]):  # the check runs the guide: give its draws back
             self._check_reparameterized(template, tensors)
-            with fast_context(), torch.enable_grad():
-                graph = make_fx(traced)(*tensors, beta, *self._leaves)
-            graph.graph.eliminate_dead_code()
-            graph.recompile()
-            if self.mode == "cuda-graph":
-                replay = _cuda_graph(graph, [*tensors, beta], self._leaves)
-            elif self.mode == "inductor":
-                replay = self._compile(graph, tensors, beta)
-            else:
-                replay = lambda *inputs: graph(*inputs, *self._leaves)  # noqa: E731
-        finally:
-            torch.set_rng_state(cpu_state)
-            for d, state in cuda_states.items():
-                torch.cuda.set_rng_state(state, d)
+        with fast_context(), torch.enable_grad():
+            graph = graphs.trace(traced, *tensors, beta, *self._leaves)
+        replay = graphs.replay(graph, self.mode, [*tensors, beta], self._leaves, what="captured step")
         self.graphs[key] = graph
         return replay
 
@@ -222,21 +208,6 @@ class CapturedStep:
         for name, site in sample_sites(guide_trace):
             if not site["fn"].has_rsample:
                 raise ValueError(f"guide site {name!r} is not reparameterized (its gradient has a score-function term)")
-
-    def _compile(self, graph: torch.fx.GraphModule, tensors: list[torch.Tensor], beta: torch.Tensor) -> Callable:
-        """The graph through ``torch.compile`` (inductor), compiled now; the plain graph where
-        compiling fails (no C++ compiler, an unsupported operation), after a warning."""
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
-        compiled = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
-        try:
-            with torch.no_grad():
-                compiled(*tensors, beta, *self._leaves)
-        except Exception as e:
-            message = str(e).strip()
-            log.warning("torch.compile failed on the captured step, which is replayed uncompiled instead: %s: %s",
-                        type(e).__name__, message.splitlines()[0] if message else "")
-            compiled = graph
-        return lambda *inputs: compiled(*inputs, *self._leaves)
 
     def __call__(self, x: torch.Tensor, *args) -> StepResult:
         """Loss, gradients and their norm at ``x``, from the capture for its signature (traced on
@@ -300,27 +271,3 @@ class CapturedStep:
 
 class _Input(NamedTuple):
     index: int  # position among the tensor inputs
-
-
-def _cuda_graph(graph: torch.fx.GraphModule, inputs: list[torch.Tensor], leaves: list[torch.Tensor]) -> Callable:
-    """``graph`` captured in a CUDA graph over static copies of ``inputs`` and the live ``leaves``
-    (updated in place by the optimizer, so their addresses stay put). Returns a function that copies
-    new inputs into the static buffers, replays, and returns the static outputs."""
-    static = [t.detach().clone() for t in inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(2):  # warm-up: library handles and workspaces are made outside the capture
-            graph(*static, *leaves)
-    torch.cuda.current_stream().wait_stream(side)
-    cuda_graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(cuda_graph):
-        outputs = graph(*static, *leaves)
-
-    def replay(*new_inputs):
-        for buffer, value in zip(static, new_inputs):
-            buffer.copy_(value, non_blocking=True)
-        cuda_graph.replay()
-        return outputs
-
-    return replay

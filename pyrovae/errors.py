@@ -20,9 +20,10 @@ class ContractError(PyrovaeError):
 class Interrupted(Exception):
     """Training was asked to stop (SIGINT, SIGTERM) and stopped cleanly after a checkpoint.
 
-    ``code`` is the exit status a shell expects for the signal: 130 (SIGINT) or 143 (SIGTERM).
+    ``code`` is the exit status a shell expects for the signal: 130 (SIGINT) or 143 (SIGTERM);
+    ``stopped`` says where training stopped, ``run_path`` is the run folder to resume.
     """
 
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
+    def __init__(self, stopped: str, code: int, run_path=None):
+        super().__init__(stopped if run_path is None else f"{stopped}; resume the run in {run_path}")
+        self.stopped, self.code, self.run_path = stopped, code, run_path

@@ -86,10 +86,10 @@ class Run:
         (after the new run's first trained checkpoint); the new run is written beside it until then."""
         path = Path(path)
         if path.exists() and not path.is_dir():
-            raise PyrovaeError(f"--out {path} is a file, not a folder: choose another --out")
+            raise PyrovaeError(f"`out` {path} is a file, not a folder: choose another `out`")
         if path.exists() and any(path.iterdir()):
             if not overwrite:
-                raise PyrovaeError(f"run folder {path} already exists: pass --resume to continue it or --overwrite to replace it")
+                raise PyrovaeError(f"run folder {path} already exists: pass `resume` to continue it or `overwrite` to replace it")
             if not (path / CONFIG).is_file():
                 raise PyrovaeError(f"refusing to overwrite {path}: it is not empty and not a run folder (no {CONFIG})")
             staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
@@ -134,6 +134,10 @@ class Run:
         write_text_atomic(self.path / CONFIG, json.dumps(self.config, indent=2) + "\n")
 
     # metrics
+    def copy_model_file(self, original: str | Path) -> None:
+        """Keep a copy of the user's model file in the run folder (RUN/model.py)."""
+        shutil.copyfile(original, self.path / MODEL_FILE)
+
     def append_metrics(self, metrics: dict) -> None:
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(metrics) + "\n")

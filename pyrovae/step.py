@@ -47,7 +47,7 @@ def train_step(loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Ten
 def check_loss(value: float) -> float:
     """``value``, or :class:`TrainingDiverged` if it is nan or infinite."""
     if not math.isfinite(value):
-        raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller --lr")
+        raise TrainingDiverged(f"the loss became {value}; the parameters were not updated by that step. Try a smaller `lr`")
     return value
 
 
@@ -62,7 +62,7 @@ def update(optimizer: torch.optim.Optimizer, value: float, clip_grad: float | No
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     norm_value = norm.item() if norm_value is None else norm_value
     if not math.isfinite(norm_value):
-        raise TrainingDiverged(f"the gradient became {norm_value} (loss {value:g}); the parameters were not updated by that step. Try a smaller --lr")
+        raise TrainingDiverged(f"the gradient became {norm_value} (loss {value:g}); the parameters were not updated by that step. Try a smaller `lr`")
     if norms is not None:
         norms.append(norm_value)
     if clip_grad is not None:

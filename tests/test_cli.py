@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import pyrovae
-from pyrovae.cli import train as train_command
+from pyrovae import session
 from pyrovae.cli.main import main
 from pyrovae.models import VAEConfig
 from pyrovae.train import TrainConfig
@@ -89,8 +89,9 @@ def test_train_writes_a_complete_run_folder(tmp_path, monkeypatch, capsys):
 
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["factory"] == "pyrovae.models:vae" and config["model"]["data_dim"] == 64
-    assert config["model"]["args"] == {"latent_dim": 4, "hidden": [32], "activation": "relu", "likelihood": "bernoulli",
-                                       "prior": "normal", "guide": "diagonal", "network": "mlp"}
+    assert config["model"]["args"] == {"latent_dim": 4, "hidden": [32], "activation": "elu", "likelihood": "bernoulli",
+                                       "prior": "normal", "guide": "diagonal", "network": "mlp",
+                                       "prior_args": None, "guide_args": None, "likelihood_args": None}
     assert config["train"] == TrainConfig(epochs=3).to_dict()
     assert config["data"]["dataset"] == "digits" and config["data"]["binarize"] == "dynamic"
 
@@ -180,7 +181,7 @@ def test_an_interrupted_run_exits_130(tmp_path, monkeypatch, capsys):
     def interrupted_fit(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_command, "fit", interrupted_fit)
+    monkeypatch.setattr(session, "fit", interrupted_fit)
     assert train("--epochs", "1", "--out", "run") == 130
     assert capsys.readouterr().err.strip() == "pyrovae train: interrupted"
 
@@ -191,7 +192,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken_fit(*args, **kwargs):
         raise RuntimeError("a bug in the engine")
 
-    monkeypatch.setattr(train_command, "fit", broken_fit)
+    monkeypatch.setattr(session, "fit", broken_fit)
     with pytest.raises(RuntimeError, match="a bug in the engine"):
         train("--epochs", "1", "--out", "run")
 
@@ -266,7 +267,7 @@ def test_a_run_interrupted_in_its_first_epoch_resumes_from_its_start(tmp_path, m
     def interrupted_fit(*args, **kwargs):  # dies in epoch 1, before the first epoch's checkpoint
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_command, "fit", interrupted_fit)
+    monkeypatch.setattr(session, "fit", interrupted_fit)
     assert train("--epochs", "1", "--out", "run") == 130
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests of pyrovae.data: loading data sets, binarizing them and serving minibatches."""
+"""Tests of pyrovae.sources and pyrovae.data: loading data sets, binarizing them and serving minibatches."""
 
 import gzip
 import io
@@ -14,16 +14,9 @@ import pytest
 import torch
 
 import pyrovae.data as data_module
-from pyrovae.data import (
-    BINARIZATIONS,
-    DATASETS,
-    Batches,
-    Dataset,
-    binarize,
-    check_binary,
-    load_dataset,
-    static_binarized,
-)
+import pyrovae.sources as sources_module
+from pyrovae.data import BINARIZATIONS, Batches, binarize, check_binary, static_binarized
+from pyrovae.sources import DATASETS, Dataset, load_dataset
 from pyrovae.errors import DataError
 
 IDX_NAMES = {
@@ -237,7 +230,7 @@ def test_idx_truncated_file_names_the_file(tmp_path, small_idx, monkeypatch, gz,
     if variant == "correct":
         assert_truncation_reported(tmp_path, path, gz)
         return
-    monkeypatch.setattr(data_module, "_read_idx", vague_read_idx)
+    monkeypatch.setattr(sources_module, "_read_idx", vague_read_idx)
     with pytest.raises(AssertionError, match="Regex pattern did not match"):
         assert_truncation_reported(tmp_path, path, gz)
 

@@ -127,8 +127,8 @@ def test_inference_data_export(trained_digits_vae, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_samples": 0}, "-k must be at least 1"),
-    ({"particles_elbo": 0}, "particles-elbo must be at least 1"),
+    ({"num_samples": 0}, "num_samples must be at least 1"),
+    ({"particles_elbo": 0}, "particles_elbo must be at least 1"),
     ({"batch_size": 0}, "batch size must be at least 1"),
     ({"chunk_size": 0}, "chunk size must be at least 1"),
     ({"particle_shard": (0, 2)}, "needs a seed"),

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from pyrovae.cli import evaluate as evaluate_command
-from pyrovae.cli import interpolate as interpolate_command
-from pyrovae.cli import reconstruct as reconstruct_command
-from pyrovae.cli import train as train_command
+from pyrovae import pictures, session
 from pyrovae.cli.main import main
+from pyrovae.errors import PyrovaeError
 from pyrovae.data import load_dataset
 from test_cli import assert_one_line_error
 
@@ -52,7 +51,7 @@ def test_every_command_holds_out_the_points_training_never_saw(seed, tmp_path, m
     evaluate, reconstruct and interpolate use as held-out are disjoint from them."""
     monkeypatch.chdir(tmp_path)
     grey = ["--likelihood", "continuous-bernoulli"]  # no binarization: rows compare as they are
-    batches = Recorder(monkeypatch, train_command, "Batches", 0)
+    batches = Recorder(monkeypatch, session, "Batches", 0)
     assert main(["train", "--seed", str(seed), "--epochs", "1", "--out", "run", *grey, *SMALL]) == 0
     assert main(["train", "--resume", "--epochs", "2", "--out", "run", "--no-progress"]) == 0
     trained = [rows(x) for x in batches.seen]
@@ -60,8 +59,8 @@ def test_every_command_holds_out_the_points_training_never_saw(seed, tmp_path, m
 
     held_out = {
         "evaluate": Recorder(monkeypatch, evaluate_command, "evaluate", 2),
-        "reconstruct": Recorder(monkeypatch, reconstruct_command, "reconstruct", 2),
-        "interpolate": Recorder(monkeypatch, interpolate_command, "interpolate", (2, 3)),
+        "reconstruct": Recorder(monkeypatch, pictures, "reconstruct", 2),
+        "interpolate": Recorder(monkeypatch, pictures, "interpolate", (2, 3)),
     }
     assert main(["evaluate", "run", "-k", "10", "--particles-elbo", "2", "--no-compile", "--no-progress"]) == 0
     assert main(["reconstruct", "run"]) == 0
@@ -195,9 +194,9 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     before = folder_hash(tmp_path / "run")
 
     def diverges(*args, **kwargs):
-        raise train_command.PyrovaeError("the loss became nan")
+        raise PyrovaeError("the loss became nan")
 
-    monkeypatch.setattr(train_command, "fit", diverges)
+    monkeypatch.setattr(session, "fit", diverges)
     assert main(["train", "--epochs", "1", "--out", "run", "--overwrite", *SMALL]) == 2
     assert folder_hash(tmp_path / "run") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing left beside it
@@ -221,7 +220,7 @@ def test_evaluate_refuses_grey_levels_under_a_bernoulli_likelihood():
 
 def test_validation_rows_are_carved_from_training_and_decide_best_and_early_stopping(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    batches = Recorder(monkeypatch, train_command, "Batches", 0)
+    batches = Recorder(monkeypatch, session, "Batches", 0)
     argv = ["train", "--likelihood", "continuous-bernoulli", "--validation-fraction", "0.25", "--early-stopping", "1",
             "--lr", "0.2", "--epochs", "30", "--out", "run", *SMALL]
     assert main(argv) == 0
@@ -246,7 +245,7 @@ def test_the_cosine_schedule_is_resumed_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ["--lr-schedule", "cosine", "--lr", "0.01", *SMALL]
     assert main(["train", "--epochs", "4", "--out", "A", *common]) == 0
-    fit = train_command.fit
+    fit = session.fit
 
     def stopped_after_epoch_2(*args, **kwargs):
         def on_epoch_end(metrics):
@@ -256,7 +255,7 @@ def test_the_cosine_schedule_is_resumed_where_it_stopped(tmp_path, monkeypatch):
 
         return fit(*args[:6], on_epoch_end, **kwargs)
 
-    monkeypatch.setattr(train_command, "fit", stopped_after_epoch_2)
+    monkeypatch.setattr(session, "fit", stopped_after_epoch_2)
     assert main(["train", "--epochs", "4", "--out", "B", *common]) == 130
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)

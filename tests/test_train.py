@@ -292,7 +292,7 @@ def test_train_step_stops_on_a_nonfinite_loss_without_touching_the_parameters(ba
     def bad_loss(x):
         return loss_fn(x) * bad
 
-    with fast_context(), pytest.raises(TrainingDiverged, match=rf"the loss became {bad}.*--lr"):
+    with fast_context(), pytest.raises(TrainingDiverged, match=rf"the loss became {bad}.*`lr`"):
         train_step(bad_loss, optimizer, x)
     assert_parameters_equal(vae, before)
     assert {k: v["step"] for k, v in optimizer.state.items()} == state_before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,22 @@ from pyrovae import params as parameters
 from pyrovae.data import Dataset
 from pyrovae.errors import PyrovaeError
 from pyrovae.run import Run, resolve_device
+
+
+FLAGS = {"num_particles": "--particles", "num_samples": "-k"}  # engine parameters whose option is not --name-with-dashes
+
+
+def in_flags(message: str) -> str:
+    """An engine message in the command line's words: each `parameter` becomes its option."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), "--" + m.group(1).replace("_", "-")), message)
+
+
+def open_images(args, what: str, default_name: str):
+    """(run, model, device, data, output path) for a command that draws ``what`` of an image data set."""
+    run, module, device = open_run(args)
+    data = run.dataset()
+    require_images(data, what)
+    return run, module, device, data, output_path(args, run, default_name)
 
 
 def add_run_argument(p: argparse.ArgumentParser) -> None:

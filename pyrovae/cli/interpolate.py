@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from pyrovae.pictures import save_interpolations
 
-from pyrovae.generate import interpolate
-from pyrovae.plots import save_grid
-
-from .common import add_run_argument, at_least, open_run, output_path, require_images
+from .common import add_run_argument, at_least, open_images
 
 
 def add_parser(sub) -> None:
@@ -24,16 +21,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     at_least(args.pairs, 1, "--pairs")
     at_least(args.steps, 2, "--steps")
-    run_, module, device = open_run(args)
-    data = run_.dataset()
-    require_images(data, "interpolations")
-    path = output_path(args, run_, "interpolations.png")
+    run_, module, device, data, path = open_images(args, "interpolations", "interpolations.png")
     save_interpolations(module, run_.eval_split(data).to(device), data.image_shape, path, args.pairs, args.steps)
     print(f"wrote {path}")
     return 0
-
-
-def save_interpolations(module, x, image_shape, path, pairs: int = 8, steps: int = 10) -> None:
-    pairs = min(pairs, len(x) // 2)
-    rows = [interpolate(module.model, module.guide, x[2 * i], x[2 * i + 1], steps) for i in range(pairs)]
-    save_grid(torch.cat(rows), image_shape, path, nrow=steps)

@@ -10,6 +10,7 @@ from pyrovae import __version__
 from pyrovae.errors import Interrupted, PyrovaeError
 
 from . import compare, evaluate, interpolate, latents, list as list_command, reconstruct, sample, train
+from .common import in_flags
 
 COMMANDS = (train, sample, reconstruct, interpolate, evaluate, compare, latents, list_command)
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except PyrovaeError as e:
-        message = " ".join(str(e).split())  # one line, whatever the message holds
+        message = in_flags(" ".join(str(e).split()))  # one line, whatever the message holds, in the options' words
         print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Interrupted as e:

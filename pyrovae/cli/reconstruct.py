@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from pyrovae.pictures import save_reconstructions
 
-from pyrovae.generate import reconstruct
-from pyrovae.plots import save_grid
-
-from .common import add_run_argument, at_least, open_run, output_path, require_images
+from .common import add_run_argument, at_least, open_images
 
 
 def add_parser(sub) -> None:
@@ -23,18 +20,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     at_least(args.num, 1, "-n")
-    run_, module, device = open_run(args)
-    data = run_.dataset()
-    require_images(data, "reconstructions")
+    run_, module, device, data, path = open_images(args, "reconstructions", "reconstructions.png")
     x = run_.eval_split(data, args.split)[: args.num].to(device)
-    path = output_path(args, run_, "reconstructions.png")
     save_reconstructions(module, x, data.image_shape, path)
     print(f"wrote {path}")
     return 0
-
-
-def save_reconstructions(module, x, image_shape, path, nrow: int = 8) -> None:
-    """Rows of originals, each followed by a row of their reconstructions."""
-    recon = reconstruct(module.model, module.guide, x)
-    rows = [t for i in range(0, len(x), nrow) for t in (x[i : i + nrow], recon[i : i + nrow])]
-    save_grid(torch.cat(rows), image_shape, path, nrow=nrow)

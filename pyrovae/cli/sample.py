@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyrovae.generate import sample_prior
-from pyrovae.plots import save_grid
+from pyrovae.pictures import save_samples
 
-from .common import add_run_argument, at_least, open_run, output_path, require_images
+from .common import add_run_argument, at_least, open_images
 
 
 def add_parser(sub) -> None:
@@ -20,10 +19,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     at_least(args.num, 1, "-n")
-    run_, module, device = open_run(args)
-    data = run_.dataset()
-    require_images(data, "samples")
-    path = output_path(args, run_, "samples.png")
-    save_grid(sample_prior(module.model, data.test[:1].to(device), args.num), data.image_shape, path)
+    _, module, device, data, path = open_images(args, "samples", "samples.png")
+    save_samples(module, data.test[:1].to(device), data.image_shape, path, args.num)
     print(f"wrote {path}")
     return 0

@@ -4,47 +4,40 @@ The model is the built-in VAE (``--model pyrovae.models:vae``) or your own: ``--
 or ``--model package.module:NAME``, a factory called as ``NAME(data_dim=P, image_shape=..., **args)``
 with ``--model-arg key=value`` (JSON values where they parse). Loading a model file runs its code.
 ``--latent-dim``, ``--hidden``, ``--activation``, ``--likelihood``, ``--prior`` and ``--guide`` are
-model arguments too. The folder holds config.json, metrics.jsonl (ELBO per data point in nats, per
-epoch), checkpoint.pt (saved atomically before training and after every epoch; --resume continues
-from it) and pictures: samples, reconstructions, interpolations and the loss curve.
+model arguments too, and so are a component's own options: ``--prior-arg components=50`` (the
+model argument ``prior_args``), ``--guide-arg``, ``--likelihood-arg`` (``pyrovae list`` shows them).
+The folder holds config.json, metrics.jsonl (ELBO per data point in nats, per epoch), checkpoint.pt
+(saved atomically before training and after every epoch; --resume continues from it) and pictures: samples, reconstructions, interpolations and the loss curve.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shlex
-import shutil
 import os
-import signal
+import shlex
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
-from pyrovae import contract, distributed, factory, params as parameters
-from pyrovae.data import BINARIZATIONS, DATASETS, Batches, check_binarizable, load_dataset, static_binarized, with_validation
+from pyrovae import distributed, factory
+from pyrovae.data import BINARIZATIONS
+from pyrovae.sources import DATASETS, load_dataset, with_validation
 from pyrovae.errors import Interrupted, PyrovaeError
-from pyrovae.generate import sample_prior
-from pyrovae.plots import save_grid, save_loss_curve
-from pyrovae.tensorboard import Curves
-from pyrovae.run import BEST, CHECKPOINT, MODEL_FILE, Run, heldout_sha256, load_state, resolve_device, set_random_states
 from pyrovae.objectives import OBJECTIVES
-from pyrovae.train import LR_SCHEDULES, Monitor, Progress, TrainConfig, TrainingDiverged, make_scheduler, elbo_loss, fast_context, fit, make_optimizer, mean_elbo
-
-from .interpolate import save_interpolations
-from .reconstruct import save_reconstructions
+from pyrovae.run import MODEL_FILE, Run, heldout_sha256, resolve_device
+from pyrovae.session import TrainingSession
+from pyrovae.train import LR_SCHEDULES, TrainConfig
 
 DEFAULTS = {"dataset": "digits", "model": factory.BUILTIN, "epochs": 100, "batch_size": 128, "lr": 1e-3,
             "particles": 1, "seed": 0, "device": "cpu", "objective": "elbo", "beta": 1.0, "warmup_epochs": 0,
             "skip_nonfinite": 0, "validation_fraction": 0.1, "lr_schedule": "none"}
 MODEL_OPTIONS = ("latent_dim", "hidden", "activation", "likelihood", "prior", "guide", "network")  # model arguments
+COMPONENT_OPTIONS = {"prior_arg": "prior_args", "guide_arg": "guide_args", "likelihood_arg": "likelihood_args"}  # flag → model argument
 CAPTURE_MODES = ("auto", "graph", "inductor", "cuda-graph", "off")
 CHANGEABLE_ON_RESUME = ("epochs", "lr", "device", "clip_grad", "skip_nonfinite", "checkpoint_every", "early_stopping", "capture")
-FIXED_ON_RESUME = ("dataset", "data_dir", "download", "binarize", "model", "model_arg", *MODEL_OPTIONS,
+FIXED_ON_RESUME = ("dataset", "data_dir", "download", "binarize", "model", "model_arg", *MODEL_OPTIONS, *COMPONENT_OPTIONS,
                    "batch_size", "particles", "seed", "objective", "beta", "warmup_epochs",
                    "validation_fraction", "lr_schedule")
 
@@ -109,11 +102,14 @@ def add_parser(sub) -> None:
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="an argument of the factory (repeatable)")
     g.add_argument("--latent-dim", type=positive(int), help="latent dimension D (built-in VAE: 50)")
     g.add_argument("--hidden", type=positive(int), nargs="+", help="decoder hidden sizes, the encoder mirrors them (built-in VAE: 400)")
-    g.add_argument("--activation", help="relu, tanh, softplus or elu (built-in VAE: relu)")
+    g.add_argument("--activation", help="relu, tanh, softplus or elu (built-in VAE: elu)")
     g.add_argument("--likelihood", help="a registered likelihood, see pyrovae list (built-in VAE: bernoulli)")
     g.add_argument("--prior", help="a registered prior, see pyrovae list (built-in VAE: normal)")
     g.add_argument("--guide", help="a registered guide, see pyrovae list (built-in VAE: diagonal)")
     g.add_argument("--network", help="mlp, or conv for 28×28 images (built-in VAE: mlp)")
+    for flag, what in (("prior", "the prior's"), ("guide", "the guide's"), ("likelihood", "the likelihood's")):
+        g.add_argument(f"--{flag}-arg", action="append", metavar="KEY=VALUE",
+                       help=f"an option of {what} constructor, e.g. --prior-arg components=50 (repeatable; pyrovae list shows them)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive(int), help="last epoch to train to (default: 100; with --resume, the run's)")
     g.add_argument("--batch-size", type=positive(int), help="data points per step (default: 128)")
@@ -168,6 +164,12 @@ def model_args_from(args) -> dict:
             if name in extra:
                 raise PyrovaeError(f"{option(name)} and --model-arg {name}=... both given: give one")
             extra[name] = list(value) if isinstance(value, (list, tuple)) else value
+    for flag, name in COMPONENT_OPTIONS.items():
+        items = getattr(args, flag, None)
+        if items:
+            if name in extra:
+                raise PyrovaeError(f"{option(flag)} and --model-arg {name}=... both given: give one")
+            extra[name] = factory.parse_model_args(items, option(flag))
     return extra
 
 
@@ -260,8 +262,7 @@ def launch(argv: list[str], nproc: int) -> int:
 
 
 def train(args, device: torch.device) -> int:
-    rank, size = distributed.world()
-    main_process = rank == 0
+    """Parse, set up the run folder, train it in a :class:`~pyrovae.session.TrainingSession`, print."""
     out = args.out or default_out(given(args, "dataset"))
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
@@ -279,193 +280,27 @@ def train(args, device: torch.device) -> int:
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             raise PyrovaeError(f"run folder {out} already exists: pass --resume to continue it or --overwrite to replace it")
         run_, data = new_run(args, out)
-    config = TrainConfig(**run_.config["train"])
-
-    torch.manual_seed(config.seed)
-    parameters.clear()
-    model = run_.build_model(data, device)
-    d = run_.config["data"]
-    if d["binarize"] is None:  # decided by the observed site: binary data are binarized afresh each pass
-        support = contract.observed_support(model.model, model.guide, data.train[:8].to(device))
-        d["binarize"] = "dynamic" if contract.is_binary(support) else "none"
-    check_binarizable(data.train, d["binarize"])
-    sample = data.train[:8] if d["binarize"] == "none" else static_binarized(data.train[:8], config.seed)
-    contract.check(model.model, model.guide, sample.to(device), "the training data")
-    batches = Batches(data.train, config.batch_size, d["binarize"], seed=config.seed, device=device)
-    if size > 1:
-        batches = distributed.ShardedBatches(batches, rank, size)
-    test_x = run_.eval_split(data).to(device)
-    valid_x = None if data.valid is None else run_.eval_split(data, "valid").to(device)
-    trained = parameters.trainable(model.model, model.guide, batches.peek(8))
-    optimizer = make_optimizer(trained.values(), config.lr)
-    scheduler, monitor = make_scheduler(optimizer, config), Monitor()
-
-    def save(epoch: int, progress: dict | None = None, name: str = CHECKPOINT) -> None:
-        if main_process:  # one writer; every process holds the same state
-            extra = {"monitor": monitor.to_dict(), "scheduler": None if scheduler is None else scheduler.state_dict()}
-            run_.save_checkpoint(model, trained, optimizer, batches, epoch, progress, extra, name)
-
-    start_epoch, resume_from = 0, None
-    if args.resume:
-        state = run_.load_checkpoint()
-        if state["epoch"] >= config.epochs and not (state["epoch"] == config.epochs and state.get("progress")):
-            raise PyrovaeError(f"{out} has trained {state['epoch']} epochs already: give --epochs above {state['epoch']}")
-        load_state(model, trained, state)
-        optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["batches"])
-        set_random_states(state)
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        if state.get("monitor"):
-            monitor = Monitor(**state["monitor"])
-        if args.lr is not None:  # a new rate asked for: from now on, and as the schedule's base
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr
-            if scheduler is not None and hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
-        start_epoch = state["epoch"]
-        if state.get("progress"):
-            resume_from = Progress(**state["progress"])
-        if main_process:
-            run_.truncate_metrics(start_epoch)
-            run_.save_config()
-            where = f" and {resume_from.step} steps" if resume_from else ""
-            print(f"resuming {out} after epoch {start_epoch}{where} of {config.epochs}" + (f" in {size} processes" if size > 1 else ""))
-    else:
-        if size > 1:
-            torch.distributed.barrier()  # every process has checked the folder before the first writes to it
-        if main_process:
-            run_ = Run.create(out, run_.config, overwrite=args.overwrite)
-            if run_.config["model"]["file"]:
-                shutil.copyfile(run_.config["model"]["file"]["original"], run_.path / MODEL_FILE)
-            with fast_context():
-                test_elbo = mean_elbo(elbo_loss(model.model, model.guide), test_x)
-            run_.append_metrics({"epoch": 0, "train_elbo": None, "test_elbo": test_elbo, "seconds": 0.0})
-            save(0)
-    if size > 1:  # each process draws its own z
-        torch.manual_seed(distributed.rank_seed(rank))
-
-    curves = Curves(run_.path / "tensorboard", data.image_shape) if args.tensorboard and main_process else None
-
-    def on_epoch_end(metrics: dict) -> None:
-        if curves is not None:
-            curves.epoch(metrics, model, test_x if valid_x is None else valid_x)
-        if main_process:
-            run_.append_metrics(metrics)
-            save(metrics["epoch"])
-            if metrics.get("best"):
-                save(metrics["epoch"], name=BEST)
-            run_.commit()
-        schedule.saved()
-        stop.check(run_, metrics["epoch"], None)
-
-    def on_step_end(progress: Progress) -> None:
-        mid_epoch = progress.step < len(batches)
-        if mid_epoch and (stop.signal is not None or schedule.due(progress.step)):
-            save(progress.epoch - 1, progress.to_dict())
-            schedule.saved()
-            stop.check(run_, progress.epoch - 1, progress.step)
-
-    schedule, stop = CheckpointSchedule(args.checkpoint_every), StopRequest()
-    sync = None
-    if size > 1:
-        params = list(trained.values())
-
-        def sync(loss: torch.Tensor) -> float:
-            total, stop_any = distributed.sum_over_processes(loss, stop.signal is not None, params)
-            if stop_any and stop.signal is None:  # another process was asked to stop: stop together
-                stop.signal = signal.SIGTERM
-            return total
-
+    session = TrainingSession(run_, data, device, resume=bool(args.resume), new_lr=args.lr is not None,
+                              overwrite=bool(args.overwrite), checkpoint_every=args.checkpoint_every,
+                              tensorboard=bool(args.tensorboard), progress=not args.no_progress)
+    if session.resumed is not None and session.main_process:
+        epoch, steps = session.resumed
+        where = f" and {steps} steps" if steps else ""
+        print(f"resuming {out} after epoch {epoch}{where} of {session.config.epochs}"
+              + (f" in {session.size} processes" if session.size > 1 else ""))
     try:
-        with stop.installed():
-            fit(model, batches, config, test_x, optimizer, start_epoch, on_epoch_end, progress=not args.no_progress and main_process,
-                on_step_end=on_step_end, resume_from=resume_from, valid_x=valid_x, scheduler=scheduler, monitor=monitor,
-                sync=sync)
-    except TrainingDiverged as e:
-        if main_process:
-            run_.discard()
-        if run_.replaces is not None:
-            raise TrainingDiverged(f"{e}; {run_.replaces} was left as it was") from None
-        last = run_.load_checkpoint()
-        where = f"epoch {last['epoch']}" + (f" and {last['progress']['step']} steps" if last.get("progress") else "")
-        raise TrainingDiverged(f"{e}; the last good checkpoint, {run_.path / 'checkpoint.pt'} ({where}), is intact: "
-                               f"resume it with a smaller --lr, --clip-grad or --skip-nonfinite") from None
-    except BaseException:
-        if main_process:
-            run_.discard()
-        raise
-    finally:
-        if curves is not None:
-            curves.close()
-
-    if not main_process:
+        history = session.train()
+    except Interrupted as e:
+        raise Interrupted(f"{e.stopped}; resume with: pyrovae train --out {shlex.quote(str(e.run_path))} --resume",
+                          e.code) from None
+    if not session.main_process:
         return 0
-    if hasattr(model, "eval"):
-        model.eval()
     if data.image_shape is None:
-        print(f"{run_.path}: no pictures (the data are not images)")
-    else:
-        save_grid(sample_prior(model.model, test_x[:1], 64), data.image_shape, run_.path / "samples.png")
-        save_reconstructions(model, test_x[:32], data.image_shape, run_.path / "reconstructions.png")
-        save_interpolations(model, test_x, data.image_shape, run_.path / "interpolations.png")
-    history = run_.metrics()
-    save_loss_curve(history, run_.path / "loss.png")
+        print(f"{session.run.path}: no pictures (the data are not images)")
     last = history[-1]
     seconds = sum(m["seconds"] for m in history)
-    print(f"{run_.path}: epoch {last['epoch']}, test ELBO {last['test_elbo']:.2f} nats per point ({seconds:.0f} s of training)")
+    print(f"{session.run.path}: epoch {last['epoch']}, test ELBO {last['test_elbo']:.2f} nats per point ({seconds:.0f} s of training)")
     return 0
-
-
-class CheckpointSchedule:
-    """``--checkpoint-every``: due every N steps, or M minutes after the last checkpoint."""
-
-    def __init__(self, every: tuple[str, float] | None):
-        self.every = every
-        self.last = time.monotonic()
-
-    def due(self, step: int) -> bool:
-        if self.every is None:
-            return False
-        unit, n = self.every
-        return step % n == 0 if unit == "steps" else time.monotonic() - self.last >= 60 * n
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-
-class StopRequest:
-    """SIGINT and SIGTERM ask training to stop after the current step, once a checkpoint is written."""
-
-    CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-    def __init__(self):
-        self.signal = None
-
-    @contextlib.contextmanager
-    def installed(self):
-        def handler(signum, frame):
-            if self.signal is not None:  # asked twice: stop now (the last checkpoint stays intact)
-                raise KeyboardInterrupt
-            self.signal = signum
-
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield self
-            return
-        previous = {s: signal.signal(s, handler) for s in self.CODES}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-    def check(self, run_: Run, epoch: int, step: int | None) -> None:
-        if self.signal is None:
-            return
-        where = f"epoch {epoch} and {step} steps" if step is not None else f"epoch {epoch}"
-        name = signal.Signals(self.signal).name
-        raise Interrupted(f"{name}: stopped after {where}, checkpoint written; resume with: "
-                          f"pyrovae train --out {shlex.quote(str(run_.path))} --resume", self.CODES[self.signal])
 
 
 def capture_setting(args) -> str | bool | None:

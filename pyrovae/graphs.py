@@ -1,0 +1,232 @@
+"""Functions of tensors traced once into graphs of tensor operations, simplified, and replayed.
+
+For inputs of a fixed signature (shapes, dtypes, devices) a Pyro program takes the same branches,
+makes the same sites and calls the same tensor operations on every call: only the values change.
+:func:`trace` runs such a function once under ``make_fx`` (``torch.fx.experimental.proxy_tensor``,
+real tensors) and records every ATen operation it calls — Pyro's distributions, the networks, the
+backward passes of ``torch.autograd.grad`` — as one ``torch.fx.GraphModule`` whose replay skips
+Pyro's Python. The training step (:mod:`pyrovae.capture`), the annealing density and the HMC
+transition of AIS (:mod:`pyrovae.annealing`, :mod:`pyrovae.hmc`) and the evaluation pass
+(:mod:`pyrovae.fast_eval`) are all traced here.
+
+What a graph fixes: tensors that are not inputs are its constants (referenced, not copied: an
+in-place change is seen, a replaced attribute is not), Python numbers and branches are baked in.
+A function whose Python reads tensor values (data-dependent control flow) cannot be traced:
+``make_fx`` raises, and the callers fall back to eager evaluation.
+
+Noise: a random operation (``aten.normal_``, ``aten.rand_like``, …) is recorded as itself, so each
+replay draws fresh values from torch's generator, on the CPU the same stream in the same order as
+the eager function. Tracing itself draws nothing: the generators' states are saved before and
+restored after (:func:`preserved_rng`).
+
+After tracing: dead code is removed (random operations are kept, so that the stream stays in
+step); :func:`simplify` drops operations that return their input unchanged; :func:`fold_constants`
+computes once what depends on no input (an encoder applied to fixed data, transposed weights).
+
+Replay (:func:`replay`, ``mode=``):
+
+``"graph"``
+    The graph module called op by op, without autograd (any backward pass is in the graph).
+``"inductor"``
+    The graph through ``torch.compile`` (inductor), compiled on the spot: fused kernels, seconds
+    to compile per signature. Its random operations draw from inductor's own stream, not the eager
+    one. Where compiling fails (no C++ compiler, an unsupported operation) the plain graph is
+    replayed, after a logged warning.
+``"cuda-graph"``
+    The graph captured in a CUDA graph over static copies of the inputs: each call copies the new
+    inputs in and replays; the outputs are static buffers, overwritten by the next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.fx.experimental.const_fold import split_const_subgraphs
+from torch.fx.experimental.proxy_tensor import make_fx
+
+log = logging.getLogger(__name__)
+
+MODES = ("graph", "inductor", "cuda-graph")
+
+
+@contextlib.contextmanager
+def preserved_rng(tensors: Iterable = ()):
+    """Restore torch's CPU generator, and the CUDA generators of the devices of ``tensors``, on exit."""
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+    cpu_state = torch.get_rng_state()
+    cuda_states = {d: torch.cuda.get_rng_state(d) for d in devices}
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        for d, state in cuda_states.items():
+            torch.cuda.set_rng_state(state, d)
+
+
+def one_fake_mode():
+    """A context in which ``make_fx`` describes every traced value with one fake-tensor mode instead
+    of a new one per value (each of which records a Python stack trace): halves the tracing time.
+    Internal torch API, so anything but the current behaviour falls back to the default."""
+    try:
+        from torch._guards import TracingContext, tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
+    except Exception:  # a torch without these
+        return contextlib.nullcontext()
+
+
+def trace(fn: Callable, *inputs: torch.Tensor, simplified: bool = True) -> torch.fx.GraphModule:
+    """``fn(*inputs)`` as a graph module of ATen operations taking ``inputs`` (positionally, in this
+    order) and returning what ``fn`` returns; dead code removed and, with ``simplified``,
+    :func:`simplify` applied. Draws nothing from torch's generators. Raises what ``make_fx`` raises
+    (data-dependent control flow, an operation it cannot trace)."""
+    with preserved_rng(inputs), one_fake_mode():
+        graph = make_fx(fn)(*inputs)
+    graph.graph.eliminate_dead_code()
+    if simplified:
+        simplify(graph)
+    else:
+        graph.recompile()
+    return graph
+
+
+_aten = torch.ops.aten
+_IDENTITY_IF_SAME = {_aten.alias.default, _aten.view.default, _aten.expand.default, _aten._unsafe_view.default}
+_NEUTRAL = {_aten.add.Tensor: 0, _aten.sub.Tensor: 0, _aten.mul.Tensor: 1, _aten.mul.Scalar: 1, _aten.div.Tensor: 1,
+            _aten.pow.Tensor_Scalar: 1}
+
+
+def _mutated(functions: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes that some in-place operation of the graph writes to (``aten.normal_`` on a fresh tensor, …)."""
+    written = set()
+    for node in functions:
+        if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+            for arg, schema in zip(node.args, node.target._schema.arguments):
+                if isinstance(arg, torch.fx.Node) and schema.alias_info is not None and schema.alias_info.is_write:
+                    written.add(arg)
+            for arg in node.kwargs.values():
+                if isinstance(arg, torch.fx.Node):
+                    written.add(arg)
+    return written
+
+
+def simplify(graph_module: torch.fx.GraphModule) -> None:
+    """Drop operations that return their input unchanged (aliases, views and expansions to the same
+    shape and strides, + 0, × 1, ^ 1: each costs a Python call per replay), and turn
+    ``ones_like``/``zeros_like`` (the seeds of backward passes) into constants, so that
+    :func:`fold_constants` takes the chains that start from them. A tensor that an in-place
+    operation writes to is left as it is (a copy made by + 0 stays a copy), so graphs with random
+    operations are simplified too."""
+    graph = graph_module.graph
+    functions = [n for n in graph.nodes if n.op == "call_function"]
+    written = _mutated(functions)
+    for node in functions:
+        value, source = node.meta.get("val"), node.args[0] if node.args else None
+        if node.target in (_aten.ones_like.default, _aten.zeros_like.default) and isinstance(value, torch.Tensor):
+            if node in written:
+                continue
+            name = f"_seed{len(graph_module._buffers)}"
+            fill = torch.ones if node.target is _aten.ones_like.default else torch.zeros
+            graph_module.register_buffer(name, fill(value.shape, dtype=value.dtype, device=value.device))
+            with graph.inserting_before(node):
+                node.replace_all_uses_with(graph.get_attr(name))
+            graph.erase_node(node)
+            continue
+        before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        same = (isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor) and value.shape == before.shape
+                and value.dtype == before.dtype and value.stride() == before.stride())
+        if not same:
+            continue
+        if node.target in _IDENTITY_IF_SAME:  # the same memory, the same layout: a write through either is the same write
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            continue
+        neutral = node.target in _NEUTRAL and len(node.args) == 2 and not node.kwargs and \
+            isinstance(node.args[1], (int, float)) and node.args[1] == _NEUTRAL[node.target]
+        if neutral and node not in written and source not in written:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+
+
+def fold_constants(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph with every part that depends on no input computed once, on its first call, and
+    kept (``torch.fx.experimental.const_fold``). For graphs without random operations: a folded
+    random draw would be drawn once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # const_fold warns about the attributes it creates
+        return split_const_subgraphs(graph_module)
+
+
+def replay(graph: torch.fx.GraphModule, mode: str, inputs: Sequence[torch.Tensor], live: Sequence[torch.Tensor] = (),
+           what: str = "graph") -> Callable[..., Any]:
+    """A function of the inputs that replays ``graph`` in ``mode`` (see the module docstring).
+
+    ``inputs`` are example inputs of the signature (compiling runs on them; a CUDA graph copies
+    them into its static buffers); ``live`` are further inputs passed on every call as they are
+    (the trained parameters, updated in place by the optimizer): the graph takes
+    ``(*inputs, *live)``, the returned function ``(*inputs)``. Nothing is drawn from torch's
+    generators on the way. ``what`` names the graph in the fallback warning."""
+    if mode not in MODES:
+        raise ValueError(f"unknown replay mode {mode!r}; known: {', '.join(MODES)}")
+    if mode == "cuda-graph":
+        with preserved_rng([*inputs, *live]):
+            return cuda_graph(graph, inputs, live)
+    run = graph
+    if mode == "inductor":
+        with preserved_rng([*inputs, *live]):
+            run = compiled(graph, [*inputs, *live], what)
+    if not live:
+        return run
+    live = list(live)
+    return lambda *new: run(*new, *live)
+
+
+def compiled(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], what: str = "graph") -> Callable[..., Any]:
+    """``graph`` through ``torch.compile`` (inductor), compiled now on ``inputs``; the plain graph
+    where compiling fails, after a warning."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
+    run = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
+    try:
+        with torch.no_grad():
+            run(*inputs)
+    except Exception as e:
+        message = str(e).strip()
+        log.warning("torch.compile failed on the %s, which is replayed uncompiled instead: %s: %s",
+                    what, type(e).__name__, message.splitlines()[0] if message else "")
+        return graph
+    return run
+
+
+def cuda_graph(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], live: Sequence[torch.Tensor] = ()) -> Callable[..., Any]:
+    """``graph`` captured in a CUDA graph over static copies of ``inputs`` and the ``live`` tensors
+    (updated in place, so their addresses stay put). Returns a function that copies new inputs into
+    the static buffers, replays, and returns the static outputs."""
+    static = [t.detach().clone() for t in inputs]
+    live = list(live)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # warm-up: library handles and workspaces are made outside the capture
+            graph(*static, *live)
+    torch.cuda.current_stream().wait_stream(side)
+    captured = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(captured):
+        outputs = graph(*static, *live)
+
+    def run(*new_inputs):
+        for buffer, value in zip(static, new_inputs):
+            buffer.copy_(value, non_blocking=True)
+        captured.replay()
+        return outputs
+
+    return run
+
+
+__all__ = ["MODES", "compiled", "cuda_graph", "fold_constants", "one_fake_mode", "preserved_rng", "replay", "simplify", "trace"]
