@@ -28,6 +28,7 @@ from pyro import poutine
 from torch.distributions import Independent, Normal
 
 from .errors import PyrovaeError
+from .evidence import log_weights
 from .kl import closed_form, drawn_after
 from .traces import guide_means, means, particle_traces, sample_sites
 
@@ -48,6 +49,27 @@ def latent_means(guide: Callable, x: torch.Tensor, batch_size: int = 1024) -> di
         for site, z in guide_means(guide, xb).items():
             parts.setdefault(site, []).append(z.reshape(len(xb), -1).double().cpu())
     return {site: torch.cat(zs) for site, zs in parts.items()}
+
+
+@torch.no_grad()
+def kl_per_site(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int = 1024) -> dict[str, float]:
+    """KL_s = (1/N) Σ_n KL(q(z_s | x_n) ‖ p(z_s | ·)) per latent site s, nats per data point.
+
+    The closed form where it is the site's KL term (:func:`pyrovae.kl.site_kl`), else the one-draw
+    Monte Carlo estimate log q(z_s | ·) − log p(z_s | ·) at z ~ q; each is averaged over the N
+    points of x (N, P). A site whose KL stays ≈ 0 is unused by the model: posterior collapse.
+    """
+    if len(x) == 0:
+        raise PyrovaeError("no data points")
+    totals: dict[str, float] = {}
+    for start in range(0, len(x), batch_size):
+        terms = log_weights(model, guide, x[start:start + batch_size], 1)
+        for site in terms.latent_sites:
+            kl = terms.kl_analytic.get(site)
+            if kl is None:
+                kl = terms.log_q[site] - terms.log_prior[site]
+            totals[site] = totals.get(site, 0.0) + kl.double().sum().item()
+    return {site: total / len(x) for site, total in totals.items()}
 
 
 def active_units(means: torch.Tensor, threshold: float = ACTIVITY_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Training curves for TensorBoard (``pip install pyrovae[tensorboard]``, ``pyrovae train --tensorboard``).
 
-Per epoch: the ELBO on train, validation and test data; its terms on the validation (or test)
+Per epoch: the ELBO on train, validation and test data; KL(q ‖ p) and the active units per latent
+site (``fit``'s metrics, where posterior collapse shows as a curve at 0); the ELBO's terms on the validation (or test)
 points — reconstruction E_q log p(x|z) and KL(q ‖ p) per latent site, Monte Carlo over a few
 draws; the mean gradient norm; the learning rate; and the sample and reconstruction grids.
 """
@@ -41,6 +42,10 @@ class Curves:
         for key in ("lr", "grad_norm", "skipped"):
             if metrics.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", metrics[key], step)
+        for site, value in metrics.get("kl", {}).items():  # posterior collapse shows as a curve at 0
+            self.writer.add_scalar(f"kl/{site}", value, step)
+        for site, value in metrics.get("active_units", {}).items():
+            self.writer.add_scalar(f"active_units/{site}", value, step)
         points = x[:TERMS_POINTS]
         with torch.no_grad(), fast_context():
             terms = log_weights(model.model, model.guide, points, TERMS_DRAWS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -25,6 +25,7 @@ from . import contract, params as parameters
 from .capture import CAPTURED_OBJECTIVES, CapturedStep
 from .context import fast_context
 from .errors import PyrovaeError
+from .latents import active_units, kl_per_site, latent_means
 from .objectives import elbo_loss, loss as objective_loss, warmup_scale
 from .step import TrainingDiverged, make_optimizer, train_step
 
@@ -92,6 +93,43 @@ class Monitor:
 
 
 LR_SCHEDULES = ("none", "cosine", "plateau")
+COLLAPSE_KL, COLLAPSE_EPOCHS = 0.01, 5  # a latent site whose KL stays below this (nats per point) for this many epochs is reported
+
+
+def latent_use(module: nn.Module, x: torch.Tensor) -> dict:
+    """What each latent site carries on held-out x: ``kl`` {site: KL(q ‖ p) nats per point}
+    (:func:`pyrovae.latents.kl_per_site`), ``active_units`` {site: number of active dimensions} and
+    ``latent_dims`` {site: dimensions} (:func:`pyrovae.latents.active_units`, Burda et al. 2016;
+    these two need at least 2 points)."""
+    use = {"kl": kl_per_site(module.model, module.guide, x)}
+    if len(x) >= 2:  # activity is a variance over points
+        means = latent_means(module.guide, x)
+        use["active_units"] = {site: int(active_units(m)[1].sum()) for site, m in means.items()}
+        use["latent_dims"] = {site: m.shape[1] for site, m in means.items()}
+    return use
+
+
+@dataclass
+class CollapseWatch:
+    """Posterior collapse, said once per site: a latent site whose KL(q ‖ p) stays below ``threshold``
+    nats per point for ``epochs`` epochs in a row carries (almost) no information about x."""
+
+    threshold: float = COLLAPSE_KL
+    epochs: int = COLLAPSE_EPOCHS
+    low: dict = field(default_factory=dict)  # site → epochs in a row below the threshold
+    reported: set = field(default_factory=set)
+
+    def update(self, epoch: int, kl: dict[str, float]) -> list[str]:
+        """Record an epoch's KL per site; log and return the sites found inactive now."""
+        found = []
+        for site, value in kl.items():
+            self.low[site] = self.low.get(site, 0) + 1 if value < self.threshold else 0
+            if self.low[site] >= self.epochs and site not in self.reported:
+                self.reported.add(site)
+                found.append(site)
+                log.warning("latent site %r is inactive (KL %.4g nats per point for %d epochs, to epoch %d): posterior collapse",
+                            site, value, self.low[site], epoch)
+        return found
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
@@ -168,6 +206,7 @@ def fit(
         mode = None if config.capture in (True, "auto") else config.capture
         captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta, mode, config.objective)
     test_loss = elbo_loss(module.model, module.guide, config.num_particles)
+    collapse = CollapseWatch()
     history = []
     state = resume_from or Progress(epoch=start_epoch + 1)
     norms: list[float] = []
@@ -212,6 +251,9 @@ def fit(
                     metrics["test_elbo"] = mean_elbo(test_loss, test_x)
                 if valid_x is not None:
                     metrics["valid_elbo"] = mean_elbo(test_loss, valid_x)
+                if held_out is not None:
+                    metrics.update(latent_use(module, valid_x if valid_x is not None else test_x))
+                    collapse.update(epoch, metrics["kl"])
             watched = metrics.get("valid_elbo", metrics["train_elbo"])
             if monitor is not None:
                 metrics["best"] = monitor.update(epoch, watched)
