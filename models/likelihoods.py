@@ -4,7 +4,14 @@ Each is called inside the model's ``pyro.plate("data", N)`` with the decoder's o
 (..., N, P × params_per_dim) and the data ``x`` (N, P); the site has batch (N,) and event (P,).
 A likelihood with more than one parameter per value declares ``params_per_dim`` and reads ``out``
 parameter-major (``out.chunk(params_per_dim, -1)``). ``binary_data`` says whether it needs binary
-data (the command line then binarizes).
+data (the command line then binarizes). ``data_bounds`` is the interval the data lie in, or None
+for real values (the VampPrior keeps its pseudo-inputs there).
+
+``output_bias(x)`` (where a likelihood has one) is the decoder output, (P × params_per_dim,), whose
+distribution fits each value's marginal over the data ``x`` (N, P) — the best a decoder that
+ignores z can do. A model starts its decoder's output bias there (:meth:`VAE.initialize`), as
+Burda et al. (2016) do: with the bias at 0 a Bernoulli decoder starts at p = 0.5 for every pixel,
+and its first steps spend the hidden layers on drawing the mean image (see :mod:`pyrovae.models.vae`).
 
 References:
     Loaiza-Ganem & Cunningham (2019), *The continuous Bernoulli: fixing a pervasive error in variational autoencoders*.
@@ -24,10 +31,11 @@ from pyro.distributions import constraints
 from torch.distributions.utils import broadcast_all
 from torch import nn
 
+from pyrovae.errors import PyrovaeError
 from pyrovae.nn import register
 from pyrovae.registry import Registry
 
-LIKELIHOODS: Registry[nn.Module] = Registry("likelihood")
+LIKELIHOODS: Registry[nn.Module] = Registry("likelihood", context=("data_dim",))
 
 MIN_SCALE = 1e-3  # floor of learned observation scales: a Gaussian density is unbounded as σ → 0
 LEVELS = 256  # 8-bit values k / 255, k = 0 … 255
@@ -38,10 +46,25 @@ def _positive(raw: torch.Tensor, floor: float = MIN_SCALE) -> torch.Tensor:
     return F.softplus(raw) + floor
 
 
+LOGIT_CLIP = 1e-3  # the data's mean is clipped to [0.001, 0.999] before its logit (Burda et al. 2016)
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of each value over the data points, (P,)."""
+    return x.reshape(-1, x.shape[-1]).mean(0)
+
+
 class Bernoulli(nn.Module):
     """x_p ~ Bernoulli(sigmoid(logits_p)) for binary pixels."""
 
     binary_data = True
+    data_bounds = (0.0, 1.0)
+
+    def output_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """logit of each pixel's mean, the mean clipped to [0.001, 0.999]: the maximum-likelihood
+        Bernoulli per pixel when z is ignored."""
+        mean = _mean(x).clamp(LOGIT_CLIP, 1 - LOGIT_CLIP)
+        return torch.log(mean) - torch.log1p(-mean)
 
     def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
@@ -54,6 +77,7 @@ class ContinuousBernoulli(nn.Module):
     """
 
     binary_data = False
+    data_bounds = (0.0, 1.0)
 
     def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return pyro.sample("x", dist.ContinuousBernoulli(logits=logits).to_event(1), obs=x)
@@ -71,9 +95,17 @@ class Gaussian(nn.Module):
 
     binary_data = False
 
+    data_bounds = None
+
     def __init__(self, scale: float = 1.0):
         super().__init__()
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+            raise PyrovaeError(f"the Gaussian likelihood's scale must be a positive number, got {scale!r}")
         self.register_buffer("scale", torch.tensor(float(scale)))  # follows .to(device) and .double()
+
+    def output_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """Each value's mean: the maximum-likelihood μ when z is ignored."""
+        return _mean(x)
 
     def forward(self, loc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return pyro.sample("x", dist.Normal(loc, self.scale).to_event(1), obs=x)
@@ -86,6 +118,8 @@ class GaussianSharedScale(nn.Module):
     """
 
     binary_data = False
+    data_bounds = None
+    output_bias = Gaussian.output_bias
 
     def __init__(self):
         super().__init__()
@@ -103,6 +137,8 @@ class GaussianPixelScale(nn.Module):
     """
 
     binary_data = False
+    data_bounds = None
+    output_bias = Gaussian.output_bias
 
     def __init__(self, data_dim: int):
         super().__init__()
@@ -211,7 +247,13 @@ class DiscretizedLogisticLikelihood(nn.Module):
     """
 
     binary_data = False
+    data_bounds = (0.0, 1.0)
     params_per_dim = 2
+
+    def output_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """μ_p at each value's mean, s_p at its initial softplus(0) + 10⁻³: (2P,), parameter-major."""
+        mean = _mean(x)
+        return torch.cat([mean, torch.zeros_like(mean)])
 
     def forward(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         loc, raw_scale = out.chunk(2, dim=-1)

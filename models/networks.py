@@ -31,7 +31,7 @@ class ConvEncoder(nn.Module):
     3136 → hidden → out_dim; the activation follows every layer but the last.
     """
 
-    def __init__(self, out_dim: int, hidden: Sequence[int] = (400,), activation: str = "relu"):
+    def __init__(self, out_dim: int, hidden: Sequence[int] = (400,), activation: str = "elu"):
         super().__init__()
         self.convs = nn.Sequential(
             nn.Conv2d(1, 32, 4, stride=2, padding=1), _activation(activation),
@@ -54,7 +54,7 @@ class ConvDecoder(nn.Module):
     as a likelihood that splits its input with ``chunk(channels, -1)`` reads it.
     """
 
-    def __init__(self, latent_dim: int, hidden: Sequence[int] = (400,), activation: str = "relu", channels: int = 1):
+    def __init__(self, latent_dim: int, hidden: Sequence[int] = (400,), activation: str = "elu", channels: int = 1):
         super().__init__()
         self.fc = nn.Sequential(mlp([latent_dim, *hidden, _FEATURES[0] * _FEATURES[1] * _FEATURES[2]], activation), _activation(activation))
         self.deconvs = nn.Sequential(
@@ -68,6 +68,32 @@ class ConvDecoder(nn.Module):
         return self.deconvs(h).reshape(*lead, -1)
 
 
+def _output_layer(decoder: nn.Module) -> nn.Module | None:
+    """The decoder's last linear or transposed-convolution layer (the one whose bias sets the output), or None."""
+    last = None
+    for module in decoder.modules():
+        if isinstance(module, (nn.Linear, nn.ConvTranspose2d)):
+            last = module
+    return last if last is not None and last.bias is not None else None
+
+
+@torch.no_grad()
+def initialize_output_bias(decoder: nn.Module, likelihood: nn.Module, x: torch.Tensor) -> bool:
+    """Set the decoder's output bias to ``likelihood.output_bias(x)``, x (N, P) the training data:
+    the output that fits each value's marginal, e.g. the logit of each pixel's mean for a Bernoulli.
+    A convolutional decoder has one bias per channel: it gets the mean over pixels of that channel's
+    part. False (and nothing changed) where the likelihood has no ``output_bias`` or the decoder no bias."""
+    make = getattr(likelihood, "output_bias", None)
+    layer = _output_layer(decoder)
+    if make is None or layer is None:
+        return False
+    bias = make(x.reshape(-1, x.shape[-1])).to(layer.bias)
+    if bias.shape != layer.bias.shape:
+        bias = bias.reshape(layer.bias.shape[0], -1).mean(-1)
+    layer.bias.copy_(bias)
+    return True
+
+
 def check_image_shape(image_shape) -> None:
     """The convolutional networks take 28 × 28 single-channel images only."""
     if image_shape is None or tuple(image_shape) != IMAGE_SHAPE:
@@ -77,4 +103,4 @@ def check_image_shape(image_shape) -> None:
         )
 
 
-__all__ = ["mlp", "ConvEncoder", "ConvDecoder", "IMAGE_SHAPE", "check_image_shape"]
+__all__ = ["mlp", "ConvEncoder", "ConvDecoder", "IMAGE_SHAPE", "check_image_shape", "initialize_output_bias"]

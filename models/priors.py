@@ -34,7 +34,7 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.nn import register
 from pyrovae.registry import Registry
 
-PRIORS: Registry[nn.Module] = Registry("prior")
+PRIORS: Registry[nn.Module] = Registry("prior", context=("latent_dim", "data_dim", "encoder", "data_bounds", "site"))
 
 MIN_SCALE = 1e-4
 
@@ -110,6 +110,7 @@ class MixturePrior(nn.Module):
 
     def __init__(self, latent_dim: int, components: int = 10, site: str = "z"):
         super().__init__()
+        _check_count("the mixture's number of components", components)
         self.site = site
         self.locs = nn.Parameter(torch.randn(components, latent_dim))
         self.raw_scales = nn.Parameter(torch.full((components, latent_dim), 0.5413))  # softplus → 1
@@ -125,26 +126,69 @@ class MixturePrior(nn.Module):
         return pyro.sample(self.site, self.distribution())
 
 
-class _PseudoInputs(nn.Module):
-    def __init__(self, components: int, data_dim: int):
+class PseudoInputs(nn.Module):
+    """The VampPrior's K learned pseudo-inputs, (K, P), as Tomczak & Welling's code makes them.
+
+    u = hardtanh(W I_K) clipped to the data's interval [lo, hi] (``bounds``; None: not clipped, for
+    real-valued data): a linear layer without bias applied to the identity, so row k of ``weight``
+    is pseudo-input k before clipping. The clip keeps every u_k an image the encoder could meet in
+    the data; a coordinate pushed outside the interval stops receiving gradient there, as in the paper.
+    ``weight`` starts at ``init_mean`` + ``init_std`` · N(0, 1), near-blank images for MNIST (0.05, 0.01).
+    """
+
+    def __init__(self, components: int, data_dim: int, bounds: tuple[float, float] | None = (0.0, 1.0),
+                 init_mean: float = 0.05, init_std: float = 0.01):
         super().__init__()
-        self.u = nn.Parameter(0.05 + 0.01 * torch.randn(components, data_dim))
+        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
+        self.weight = nn.Parameter(init_mean + init_std * torch.randn(components, data_dim))
+
+    def forward(self) -> torch.Tensor:
+        """u, (K, P)."""
+        if self.bounds is None:
+            return self.weight
+        return F.hardtanh(self.weight, *self.bounds)
+
+
+PSEUDO_INPUTS = ("hardtanh", "free")
+PSEUDO_INITS = ("blank", "data")
 
 
 class VampPrior(nn.Module):
     """VampPrior: the mixture of the guide's posteriors at learned pseudo-inputs (Tomczak & Welling, 2018).
 
-    p(z) = (1/K) Σ_k q_φ(z | u_k), the u_k (K = ``components`` of them, (K, P)) learned with the
-    model. They start as near-blank images, N(0.05, 0.01²) per pixel, as in the paper's code: on
-    MNIST (784-200-200-50 tanh), pseudo-inputs uniform on [0, 1] kept training on the plateau where
-    the decoder ignores z (ELBO ≈ −206) for three epochs (1620 steps), while these left it after
-    about 1200 steps. q_φ is the guide's own encoder, shared: through
-    ``encoder.posterior(u)`` (a distribution over z with batch (K,)) where the encoder has one, else
-    ``N(loc, diag scale²)`` from ``encoder.loc_scale(u)``. The encoder is registered under the same
-    name as in the guide, so ``SVI`` trains it once. Site ``z``, batch (N,), event (D,); no closed-form KL.
+    p(z) = (1/K) Σ_k q_φ(z | u_k), with K = ``components`` pseudo-inputs u_k (:class:`PseudoInputs`)
+    learned with the model, so log p(z) = logsumexp_k log q_φ(z | u_k) − log K. q_φ is the guide's
+    own encoder, shared: through ``encoder.posterior(u)`` (a distribution over z with batch (K,))
+    where the encoder has one, else ``N(loc, diag scale²)`` from ``encoder.loc_scale(u)``. The encoder
+    is registered under the same name as in the guide, so ``SVI`` trains it once, and the ELBO's
+    gradient reaches it through both q(z|x) and p(z). Site ``z``, batch (N,), event (D,); no
+    closed-form KL.
+
+    Options: ``pseudo_inputs="hardtanh"`` (the paper's: clipped to the likelihood's data interval)
+    or ``"free"`` (unconstrained); ``pseudo_init="blank"`` (N(0.05, 0.01²) per pixel, the paper's
+    default for MNIST) or ``"data"`` (K random training points plus N(0, 0.01²), the paper's
+    ``use_training_data_init``; set by :meth:`initialize`).
+
+    Why it can collapse, and what keeps it from collapsing. Its KL term,
+    KL(q(z|x) ‖ (1/K) Σ_k q(z|u_k)), is exactly 0 for *every* encoder whose output does not depend
+    on its input, not only for one that outputs N(0, I) as with the standard normal prior; and it
+    is unchanged when one invertible map is applied to all of z (q and p move together), so nothing
+    in it holds the scale of z. The state "the encoder ignores x, the decoder ignores z" therefore
+    costs no KL and the ELBO there is that of the mean image (≈ −206 nats on MNIST). A network walks
+    into it when its units saturate: a Bernoulli decoder whose output bias starts at 0 predicts
+    p = 0.5 for every pixel, the first steps' gradient (x − 0.5, the same sign for most pixels of
+    every image) is answered by driving tanh hidden units to ±1 to draw the mean image, and a
+    saturated unit passes no gradient — the decoder stops reading z, the reconstruction gives the
+    encoder no signal, and the KL pulls the encoder's saturated top layer to a constant. KL warm-up
+    does not prevent it: the saturation is driven by the reconstruction term, which warm-up leaves
+    unscaled. What does: the decoder's output bias started at the data's logit mean
+    (:meth:`pyrovae.models.VAE.initialize`, as Burda et al. 2016 initialize theirs), which removes
+    that common gradient, or ELU units (the built-in default), which do not saturate for positive inputs.
     """
 
-    def __init__(self, latent_dim: int, data_dim: int, encoder: nn.Module, components: int = 500, site: str = "z"):
+    def __init__(self, latent_dim: int, data_dim: int, encoder: nn.Module, components: int = 500,
+                 pseudo_inputs: str = "hardtanh", pseudo_init: str = "blank",
+                 data_bounds: tuple[float, float] | None = (0.0, 1.0), site: str = "z"):
         super().__init__()
         if not (callable(getattr(encoder, "posterior", None)) or callable(getattr(encoder, "loc_scale", None))):
             raise PyrovaeError(
@@ -152,28 +196,52 @@ class VampPrior(nn.Module):
                 f"(a posterior(x) or loc_scale(x) method, as the diagonal and full-covariance guides have); "
                 f"{type(encoder).__name__} has neither: use guide 'diagonal' or 'full-covariance'"
             )
+        _check_count("the VampPrior's number of components", components)
+        _check_choice("pseudo_inputs", pseudo_inputs, PSEUDO_INPUTS)
+        _check_choice("pseudo_init", pseudo_init, PSEUDO_INITS)
         self.site = site
         self.latent_dim = latent_dim
         self.encoder = encoder
-        self.pseudo_inputs = _PseudoInputs(components, data_dim)
+        self.pseudo_init = pseudo_init
+        self.pseudo_inputs = PseudoInputs(components, data_dim, data_bounds if pseudo_inputs == "hardtanh" else None)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """With ``pseudo_init="data"``: u_k = K training points drawn at random from ``x`` (N, P), plus
+        N(0, 0.01²); nothing otherwise. Uses torch's global generator."""
+        if self.pseudo_init != "data":
+            return
+        weight = self.pseudo_inputs.weight
+        rows = torch.randint(len(x), (weight.shape[0],), device=x.device)
+        weight.copy_(x[rows].to(weight) + 0.01 * torch.randn_like(weight))
 
     def components(self) -> dist.TorchDistribution:
         """q(z | u_k) for every pseudo-input, batch (K,), event (D,)."""
-        u = self.pseudo_inputs.u
+        u = self.pseudo_inputs()
         if callable(getattr(self.encoder, "posterior", None)):
             return self.encoder.posterior(u)
         loc, scale = self.encoder.loc_scale(u)
         return dist.Normal(loc, scale).to_event(1)
 
     def distribution(self) -> dist.MixtureSameFamily:
-        """p(z), batch (), event (D,)."""
+        """p(z), batch (), event (D,): equal weights 1/K."""
         components = self.components()
-        return gaussian_mixture(self.pseudo_inputs.u.new_zeros(components.batch_shape[-1]), components)
+        return gaussian_mixture(self.pseudo_inputs.weight.new_zeros(components.batch_shape[-1]), components)
 
     def forward(self) -> torch.Tensor:
         register(self.pseudo_inputs)
         register(self.encoder)  # the guide's name for it: one set of parameters in the param store
         return pyro.sample(self.site, self.distribution())
+
+
+def _check_count(what: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PyrovaeError(f"{what} must be a positive whole number, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PyrovaeError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 class FlowPrior(nn.Module):
@@ -195,6 +263,7 @@ class FlowPrior(nn.Module):
         super().__init__()
         if latent_dim < 2:
             raise PyrovaeError(f"a flow prior needs a latent dimension of at least 2, got {latent_dim}")
+        _check_count("the flow prior's number of transforms", num_transforms)
         hidden = list(hidden) if hidden else [3 * latent_dim + 1]
         identity = torch.arange(latent_dim)
         self.site = site

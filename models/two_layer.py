@@ -12,9 +12,23 @@ Guide (bottom-up, as in the paper)::
     q(z1 | z2) = N(μ(z2), diag σ(z2)²)                 MLP 100 → 100 → 100 → 2·50
 
 All layer sizes are arguments; σ = softplus(·) + 1e-4. The guide samples z2 before z1, the reverse
-of the model's order: q(z1 | z2) conditions on a descendant of z1, so ``TraceMeanField_ELBO``'s
-analytic KL per site does not apply (Pyro warns), while ``Trace_ELBO`` and the IWAE bound do.
-Sites have batch (N,) inside ``pyro.plate("data", N)`` and event (D_s,).
+of the model's order: q(z1 | z2) conditions on a descendant of z1, so the closed-form KL of site z2,
+KL(q(z2|x) ‖ p(z2|z1)) with z1 held fixed, is not that site's term of the ELBO (z1 is drawn from
+q(z1|z2), after z2); ``TraceMeanField_ELBO``'s analytic KL per site does not apply (Pyro warns),
+while ``Trace_ELBO`` and the IWAE bound do. Sites have batch (N,) inside ``pyro.plate("data", N)``
+and event (D_s,).
+
+Why the top layer went dead, and what keeps it alive. The top layer pays KL(q(z1|z2) ‖ N(0, I))
+and earns only what it improves p(z2 | z1) over a z1-free Gaussian, so it is useful only once z2
+carries information whose aggregate a diagonal Gaussian fits badly. With tanh units and the output
+bias at 0 the decoder first saturates its hidden units to draw the mean image (see
+:mod:`pyrovae.models.vae`) and stops reading z2 for hundreds of steps; meanwhile z2 carries almost
+nothing, the KL at z1 drives q(z1|z2) to N(0, I) and p(z2|z1) stops reading z1. That state is a
+stationary point whose escape needs both q(z1|·) and p(z2|·) to move together (the gain is the
+product of two small terms), so the top layer stays at KL ≈ 0 long after z2 has come alive. The
+defaults avoid the saturation: ELU units, and :meth:`TwoLayerVAE.initialize` (the decoder's output
+bias at the data's logit mean, as in Burda et al.'s code); ``activation="tanh"`` is the paper's
+network, which needs the initialization.
 """
 
 from __future__ import annotations
@@ -27,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyrovae.errors import PyrovaeError
 from pyrovae.nn import mlp, register
 
 from .likelihoods import LIKELIHOODS
 from .priors import StandardNormal
+from .networks import initialize_output_bias
 
 MIN_SCALE = 1e-4
 
@@ -51,9 +67,16 @@ class TwoLayerVAE(nn.Module):
     """Two stochastic layers z1 (top) → z2 → x, with a bottom-up guide; see the module docstring."""
 
     def __init__(self, data_dim: int, top_dim: int = 50, bottom_dim: int = 100, hidden: Sequence[int] = (200, 200),
-                 top_hidden: Sequence[int] = (100, 100), activation: str = "tanh", likelihood: str = "bernoulli"):
+                 top_hidden: Sequence[int] = (100, 100), activation: str = "elu", likelihood: str = "bernoulli",
+                 likelihood_args: dict | None = None):
         super().__init__()
-        self.likelihood = LIKELIHOODS.build(likelihood, data_dim=data_dim)
+        for name, value in (("top_dim", top_dim), ("bottom_dim", bottom_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PyrovaeError(f"{name} must be a positive whole number, got {value!r}")
+        for name, sizes in (("hidden", hidden), ("top_hidden", top_hidden)):
+            if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes):
+                raise PyrovaeError(f"{name} must be a list of positive whole numbers (layer sizes), got {list(sizes)!r}")
+        self.likelihood = LIKELIHOODS.build(likelihood, likelihood_args, data_dim=data_dim)
         out_dim = data_dim * getattr(self.likelihood, "params_per_dim", 1)
         self.prior = StandardNormal(top_dim, site="z1")
         self.p_z2 = GaussianLayer(top_dim, bottom_dim, top_hidden, activation)
@@ -76,6 +99,13 @@ class TwoLayerVAE(nn.Module):
             z2 = pyro.sample("z2", self.q_z2(x))
             pyro.sample("z1", self.q_z1(z2))
 
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Data-dependent initialization before a new model's first step, x (N, P) the training
+        data: the decoder's output bias at the data's marginal fit (the logit of each pixel's mean
+        for a Bernoulli), as Burda et al. (2016) initialize theirs; see the module docstring."""
+        initialize_output_bias(self.decoder, self.likelihood, x)
+
 
 def two_layer(
     data_dim: int,
@@ -84,12 +114,17 @@ def two_layer(
     bottom_dim: int = 100,
     hidden: Sequence[int] = (200, 200),
     top_hidden: Sequence[int] = (100, 100),
-    activation: str = "tanh",
+    activation: str = "elu",
     likelihood: str = "bernoulli",
+    likelihood_args: dict | None = None,
 ) -> TwoLayerVAE:
     """The two-stochastic-layer VAE of Burda, Grosse & Salakhutdinov (2016) as a model factory (``--model pyrovae.models:two_layer``).
 
     Sites ``z1`` (top, ``top_dim``) and ``z2`` (``bottom_dim``); ``hidden`` are the sizes between x
-    and z2, ``top_hidden`` those between z2 and z1, on both sides. ``image_shape`` is not used.
+    and z2, ``top_hidden`` those between z2 and z1, on both sides. ELU units by default;
+    ``activation="tanh"`` is the paper's network. ``likelihood_args`` are the likelihood's options.
+    ``image_shape`` is not used.
     """
-    return TwoLayerVAE(data_dim, top_dim, bottom_dim, tuple(hidden), tuple(top_hidden), activation, likelihood)
+    hidden = (hidden,) if isinstance(hidden, int) else hidden
+    top_hidden = (top_hidden,) if isinstance(top_hidden, int) else top_hidden
+    return TwoLayerVAE(data_dim, top_dim, bottom_dim, tuple(hidden), tuple(top_hidden), activation, likelihood, likelihood_args)

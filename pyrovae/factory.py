@@ -21,13 +21,13 @@ from .errors import ContractError, PyrovaeError
 BUILTIN = "pyrovae.models:vae"
 
 
-def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+def parse_model_args(items: list[str] | None, flag: str = "--model-arg") -> dict[str, Any]:
     """``["latent_dim=8", "name=x"]`` → {"latent_dim": 8, "name": "x"}: JSON where it parses, else a string."""
     args = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise PyrovaeError(f"--model-arg {item!r} is not KEY=VALUE with KEY a Python name")
+            raise PyrovaeError(f"{flag} {item!r} is not KEY=VALUE with KEY a Python name")
         try:
             args[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -36,7 +36,12 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
 
 
 def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_reference(ref: str) -> tuple[str, str]:
@@ -105,8 +110,31 @@ def defaults(factory: Callable) -> dict[str, Any]:
     return out
 
 
+COMPONENT_OPTIONS = ("prior_args", "guide_args", "likelihood_args")  # a factory's arguments that hold a component's options
+
+
+def check_args(factory: Callable, ref: str, args: dict[str, Any]) -> None:
+    """Refuse, in one line naming the known ones, an argument the factory does not take (unless it
+    takes ``**kwargs``); where it takes component options, say that a component's own arguments go there."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    known = [p.name for p in parameters if p.name not in ("data_dim", "image_shape") and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = [name for name in args if name not in known]
+    if unknown:
+        hint = [name for name in COMPONENT_OPTIONS if name in known]
+        where = (f" (a prior's, guide's or likelihood's own arguments go in {', '.join(hint)}: "
+                 f"--prior-arg, --guide-arg, --likelihood-arg NAME=VALUE)") if hint else ""
+        raise PyrovaeError(f"the model factory {ref} has no argument {unknown[0]!r}; its arguments: {', '.join(known) or 'none'}{where}")
+
+
 def build(factory: Callable, ref: str, data_dim: int, image_shape, args: dict[str, Any]):
-    """``factory(data_dim=..., image_shape=..., **args)``, checked to have ``model`` and ``guide``."""
+    """``factory(data_dim=..., image_shape=..., **args)``, checked to have ``model`` and ``guide``;
+    an argument the factory does not take is refused by :func:`check_args`."""
+    check_args(factory, ref, args)
     try:
         obj = factory(data_dim=data_dim, image_shape=None if image_shape is None else tuple(image_shape), **args)
     except PyrovaeError:

@@ -9,16 +9,21 @@ for the 8-bit likelihood, torch's own MVN ‖ MVN closed form for the registered
 
 import itertools
 import math
+import sys
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from torch.distributions import kl_divergence
 
+from pyrovae import estimators
+from pyrovae import kl as kl_module
 from pyrovae.errors import PyrovaeError
+from pyrovae.estimators import Estimate
 from pyrovae.evaluate import evaluate
 from pyrovae.guides import GUIDES, IAFEncoder
 from pyrovae.models import (
@@ -88,6 +93,40 @@ def assert_finite_evaluation(result) -> None:
     assert all(math.isfinite(v) for v in values), summary
 
 
+def evaluate_well(module, x):
+    """The evaluation the checks below need: 100 draws per point for the ELBO and the KLs (so that
+    their standard errors are themselves accurate), 200 importance samples, L_1, L_5, L_50 and L_200 = log p̂."""
+    return evaluate(module.model, module.guide, x, num_samples=200, iwae_ks=(1, 5, 50), particles_elbo=100)
+
+
+def evaluation_problems(result) -> list[str]:
+    """What contradicts the math in an evaluation, each beyond 4 standard errors:
+
+    * KL(q ‖ p) at a site where a closed form is reported: the closed form is the site's KL term,
+      so it must agree with the Monte Carlo estimate E_q[log q − log p] (the paired z-score, and
+      the unpaired one from the two estimates' own standard errors);
+    * ELBO ≤ L_k ≤ L_k' ≤ log p̂(x) for k < k' (Burda et al. 2016), per point;
+    * every number finite.
+    """
+    problems = []
+    assert_finite_evaluation(result)
+    for site, kl in result.kl.items():
+        if kl.analytic is None:
+            continue
+        unpaired = (kl.analytic.value - kl.monte_carlo.value) / (kl.analytic.stderr**2 + kl.monte_carlo.stderr**2).sqrt()
+        for name, z in (("paired", kl.z_score), ("unpaired", unpaired)):
+            if not z.abs().max() < 4:
+                problems.append(f"KL at {site}: the closed form is {z.abs().max():.1f} {name} s.e. from Monte Carlo")
+    K = result.num_samples
+    chain = [("ELBO", result.elbo), *((f"L_{k}", result.iwae[k]) for k in sorted(result.iwae) if k < K),
+             ("log p̂(x)", Estimate(result.log_px.value, result.log_px.stderr))]
+    for (low_name, low), (high_name, high) in zip(chain, chain[1:]):
+        z = (low.value - high.value) / (low.stderr**2 + high.stderr**2).sqrt()
+        if not z.max() < 4:
+            problems.append(f"{low_name} above {high_name} by {z.max():.1f} s.e.")
+    return problems
+
+
 # ---------------------------------------------------------------- every combination
 
 
@@ -100,10 +139,81 @@ def test_every_combination_trains_under_svi_and_evaluates(prior, likelihood, gui
     svi_steps(module, x)
     assert unchanged(module, before) == []  # SVI trains every parameter …
     assert len(pyro.get_param_store()) == len(before)  # … each once (the VampPrior shares the encoder)
-    result = evaluate(module.model, module.guide, x, num_samples=20, particles_elbo=5)
-    assert_finite_evaluation(result)
+    result = evaluate_well(module, x)
     closed_form = prior == "normal" and guide in ("diagonal", "full-covariance")
     assert result.kl["z"].method == ("analytic" if closed_form else "monte-carlo")
+    assert evaluation_problems(result) == []
+
+
+def replace_everywhere(monkeypatch, original, replacement) -> None:
+    """Put ``replacement`` in place of the function ``original`` in every pyrovae module that holds it
+    under its name, so that a deliberately broken variant reaches its callers wherever they live."""
+    name = original.__name__
+    holders = [m for m in list(sys.modules.values())
+               if getattr(m, "__name__", "").startswith("pyrovae") and getattr(m, name, None) is original]
+    assert holders, f"no pyrovae module holds {name}"
+    for module in holders:
+        monkeypatch.setattr(module, name, replacement)
+
+
+def coupled_two_layer():
+    """The two-layer model as training leaves it when the top layer is used: q(z1 | z2) reads z1 off
+    z2 (z1 ≈ z2[:2], scale 0.007) and p(z2 | z1) gives it back (mean (z1, 0), scale 0.1). z1's
+    prior has no parents, so its closed-form KL is its term; z2's prior reads z1, which the guide
+    draws from z2, so there the closed form KL(q(z2|x) ‖ p(z2|z1)) (≈ 100 nats) is not the term (≈ 20)."""
+    module = two_layer(P, top_dim=2, bottom_dim=3, hidden=(16,), top_hidden=())
+    q, p = module.q_z1.net[0], module.p_z2.net[0]  # single linear layers: (loc, raw scale) = W h + b
+    with torch.no_grad():
+        q.weight.zero_()
+        q.bias.zero_()
+        q.weight[:2, :2] = torch.eye(2)
+        q.bias[2:] = -5.0  # softplus(−5) ≈ 0.007
+        p.weight.zero_()
+        p.bias.zero_()
+        p.weight[:2, :2] = torch.eye(2)
+        p.bias[3:] = -2.25  # softplus(−2.25) ≈ 0.1
+    return module
+
+
+def harmonic_mean_log_px(log_px):
+    """Broken: the harmonic mean of the weights, below their geometric mean (the ELBO)."""
+    return lambda log_w: Estimate(math.log(log_w.shape[0]) - torch.logsumexp(-log_w, 0), log_px(log_w).stderr)
+
+
+def largest_weight_iwae(iwae_bound):
+    """Broken: L_k as the mean over groups of the largest log-weight, above log mean w."""
+    def broken(log_w, k):
+        K = log_w.shape[0]
+        groups = log_w[: (K // k) * k].reshape(K // k, k, -1).max(1).values
+        return Estimate(groups.mean(0), iwae_bound(log_w, k).stderr)
+
+    return broken
+
+
+EVALUATION_VARIANTS = {  # name → (model, the function replaced and its replacement given it, the problem it must show)
+    "closed-form-kl-reversed": ("coupled-two-layer", (kl_module.closed_form, lambda f: lambda q, p: f(p, q)), "KL at z1"),
+    "closed-form-kl-where-the-prior-reads-a-later-latent": ("coupled-two-layer", (kl_module.drawn_after, lambda f: lambda *a: []), "KL at z2"),
+    "log-px-as-the-harmonic-mean": ("vae", (estimators.log_px, harmonic_mean_log_px), "above log p̂(x)"),
+    "iwae-bound-from-the-largest-weight": ("vae", (estimators.iwae_bound, largest_weight_iwae), "above log p̂(x)"),
+}
+
+
+@pytest.mark.parametrize("variant", ["correct-vae", "correct-coupled-two-layer", *EVALUATION_VARIANTS])
+def test_the_evaluation_checks_catch_broken_estimators(monkeypatch, variant):
+    """The checks of the evaluations above pass on the correct estimators and report each broken one."""
+    kind, replacement, expected = EVALUATION_VARIANTS.get(variant, (variant.removeprefix("correct-"), None, None))
+    if replacement is not None:
+        original, broken = replacement
+        replace_everywhere(monkeypatch, original, broken(original))
+    module = coupled_two_layer() if kind == "coupled-two-layer" else vae(P, latent_dim=D, hidden=HIDDEN)
+    x = data_for("bernoulli")
+    if kind == "vae":
+        svi_steps(module, x)
+    problems = evaluation_problems(evaluate_well(module, x))
+    if expected is None:
+        assert problems == []
+    else:
+        assert any(expected in p for p in problems), problems
 
 
 def test_the_vampprior_refuses_the_iaf_guide():
@@ -211,17 +321,51 @@ def test_iaf_guide_density_is_the_change_of_variables(float64):
     torch.testing.assert_close(q.log_prob(sample), guide.distribution(x).log_prob(sample.clone()), rtol=1e-8, atol=1e-8)  # cached = inverted
 
 
+def pseudo_inputs(prior: VampPrior) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u (K, P), the parameter the pseudo-inputs are made from)."""
+    holder = prior.pseudo_inputs
+    if isinstance(getattr(holder, "u", None), torch.Tensor):
+        return holder.u, holder.u
+    return holder(), holder.weight
+
+
+def components_by_hand(encoder, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log q(z | u_k) for every component from the encoder's own outputs, (..., K): a diagonal
+    Normal from ``loc_scale``, or a full-covariance one from ``loc_scale_tril``."""
+    if hasattr(encoder, "loc_scale_tril"):
+        loc, L = encoder.loc_scale_tril(u)  # (K, D), (K, D, D)
+        return torch.distributions.MultivariateNormal(loc, scale_tril=L).log_prob(z[..., None, :])
+    loc, scale = encoder.loc_scale(u)  # (K, D)
+    return torch.distributions.Normal(loc, scale).log_prob(z[..., None, :]).sum(-1)
+
+
+VAMP_DENSITIES = {  # name → log p(z) given (prior, z), and whether it is right
+    "correct": (lambda prior, z: prior.distribution().log_prob(z), True),
+    "one-component-at-the-mean-pseudo-input": (
+        lambda prior, z: components_by_hand(prior.encoder, pseudo_inputs(prior)[0].mean(0, keepdim=True), z)[..., 0], False),
+    "first-component-only": (lambda prior, z: components_by_hand(prior.encoder, pseudo_inputs(prior)[0][:1], z)[..., 0], False),
+}
+
+
+@pytest.mark.parametrize("guide", ["diagonal", "full-covariance"])
+@pytest.mark.parametrize("density", list(VAMP_DENSITIES))
 @torch.no_grad()
-def test_vampprior_scores_as_the_mean_of_its_components(float64):
-    vae_ = vae(P, latent_dim=D, hidden=HIDDEN, prior="vamp")
+def test_vampprior_scores_as_the_mean_of_its_components(float64, guide, density):
+    """log p(z) = logsumexp_k log q(z | u_k) − log K, each component scored from the encoder's own
+    outputs (diagonal, or full covariance through its Cholesky factor). The pseudo-inputs start as
+    near-identical blank images, where a density of one component would pass as the mixture: they
+    are first spread over [0, 1], and then such broken densities differ from the mixture."""
+    vae_ = vae(P, latent_dim=D, hidden=HIDDEN, prior="vamp", guide=guide)
     prior: VampPrior = vae_.prior
     assert prior.encoder is vae_.encoder
+    u, weight = pseudo_inputs(prior)
+    weight.copy_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)))
+    u, _ = pseudo_inputs(prior)
+    assert u.std(0).min() > 0.1  # spread out, not near-identical
     z = torch.randn(4, N, D, generator=torch.Generator().manual_seed(0))  # particles × points
-    u = prior.pseudo_inputs.u
-    loc, scale = vae_.encoder.loc_scale(u)  # (K, D)
-    per_component = torch.distributions.Normal(loc, scale).log_prob(z[..., None, :]).sum(-1)  # (4, N, K)
-    expected = torch.logsumexp(per_component, -1) - math.log(len(u))
-    torch.testing.assert_close(prior.distribution().log_prob(z), expected, rtol=1e-12, atol=1e-12)
+    expected = torch.logsumexp(components_by_hand(vae_.encoder, u, z), -1) - math.log(len(u))
+    score, right = VAMP_DENSITIES[density]
+    assert torch.allclose(score(prior, z), expected, rtol=1e-12, atol=1e-12) == right
 
 
 def test_the_diagonal_mixture_has_the_density_and_gradients_of_mixture_same_family(float64):
@@ -398,9 +542,68 @@ def test_two_layer_trains_and_evaluates():
     svi_steps(module, x)
     assert unchanged(module, before) == []
     assert len(pyro.get_param_store()) == len(before)
-    result = evaluate(module.model, module.guide, x, num_samples=20, particles_elbo=5)
-    assert_finite_evaluation(result)
+    result = evaluate_well(module, x)
     assert set(result.kl) == {"z1", "z2"}
+    assert evaluation_problems(result) == []
+
+
+def test_two_layer_reports_a_closed_form_kl_only_where_it_is_the_sites_term(float64):
+    """On the coupled two-layer model (see coupled_two_layer) the closed form at z2 would be ~16
+    standard errors off: z2 is Monte Carlo only, z1's closed form agrees with its Monte Carlo
+    estimate, and so do the bounds (test_the_evaluation_checks_catch_broken_estimators shows the
+    same checks reporting z2 when the closed form is used there)."""
+    result = evaluate_well(coupled_two_layer(), data_for("bernoulli"))
+    assert result.kl["z1"].method == "analytic" and result.kl["z2"].method == "monte-carlo"
+    assert evaluation_problems(result) == []
+
+
+def normal_log_density(value, loc, scale) -> torch.Tensor:
+    """Σ over the last dim of log N(value; loc, scale²), written out."""
+    return (-0.5 * ((value - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class TopLayerIgnored(TwoLayerVAE):
+    """Broken: p(z2 | z1) evaluated at z1 = 0."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = self.prior()
+            z2 = pyro.sample("z2", self.p_z2(torch.zeros_like(z1)))
+            return self.likelihood(self.decoder(z2), x)
+
+
+class DecoderReadsTheMean(TwoLayerVAE):
+    """Broken: x decoded from the mean of p(z2 | z1), not from z2."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = self.prior()
+            p_z2 = self.p_z2(z1)
+            pyro.sample("z2", p_z2)
+            return self.likelihood(self.decoder(p_z2.mean), x)
+
+
+@pytest.mark.parametrize("model_class, right", [(TwoLayerVAE, True), (TopLayerIgnored, False), (DecoderReadsTheMean, False)],
+                         ids=["two-layer", "broken-top-layer-ignored", "broken-decoder-reads-the-mean"])
+@torch.no_grad()
+def test_two_layer_joint_density_by_hand(float64, model_class, right):
+    """log p(x, z1, z2) = log N(z1; 0, I) + log N(z2; μ(z1), σ(z1)²) + Σ_p [x_p ℓ_p − softplus(ℓ_p)],
+    ℓ = decoder(z2), (μ, raw σ) = p_z2.net(z1), σ = softplus(raw) + 1e-4, written out per point."""
+    module = model_class(P, top_dim=2, bottom_dim=3, hidden=(16,), top_hidden=(8,))
+    for layer in module.modules():  # away from the near-zero initialization
+        if isinstance(layer, torch.nn.Linear):
+            layer.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(layer.in_features * 100 + layer.out_features))
+    g = torch.Generator().manual_seed(2)
+    x = data_for("bernoulli")
+    z1, z2 = torch.randn(N, 2, generator=g), torch.randn(N, 3, generator=g)
+    trace = poutine.trace(poutine.condition(module.model, data={"z1": z1, "z2": z2})).get_trace(x)
+    trace.compute_log_prob()
+    got = sum(trace.nodes[name]["log_prob"] for name in ("z1", "z2", "x"))
+    loc, raw = module.p_z2.net(z1).chunk(2, -1)
+    logits = module.decoder(z2)
+    expected = (normal_log_density(z1, torch.zeros(2), torch.ones(2)) + normal_log_density(z2, loc, F.softplus(raw) + 1e-4)
+                + (x * logits - F.softplus(logits)).sum(-1))
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10) == right, (got - expected).abs().max()
 
 
 def test_two_layer_builds_from_its_config_name():

@@ -1,6 +1,9 @@
-"""``pyrovae list``: the built-in priors, likelihoods, guides, networks and models, one line each."""
+"""``pyrovae list``: the built-in priors, likelihoods, guides, networks and models, one line each,
+with each component's options (``--prior-arg``, ``--guide-arg``, ``--likelihood-arg``) and their defaults."""
 
 from __future__ import annotations
+
+import json
 
 
 def add_parser(sub) -> None:
@@ -12,13 +15,17 @@ def run(args) -> int:
     from pyrovae.guides import GUIDES
     from pyrovae.models import LIKELIHOODS, MODELS, PRIORS
 
-    for title, registry in (("priors (--prior)", PRIORS), ("likelihoods (--likelihood)", LIKELIHOODS),
-                            ("guides (--guide)", GUIDES), ("models (--model pyrovae.models:NAME)", MODELS)):
+    for title, registry, flag in (("priors (--prior)", PRIORS, "--prior-arg"), ("likelihoods (--likelihood)", LIKELIHOODS, "--likelihood-arg"),
+                                  ("guides (--guide)", GUIDES, "--guide-arg"), ("models (--model pyrovae.models:NAME)", MODELS, None)):
         print(title)
         entries = registry.describe()
         width = max(len(name) for name, _ in entries)
         for name, sentence in entries:
             print(f"  {name:<{width}}  {sentence}")
+            options = registry.options(name) if flag else {}
+            if options:
+                listed = ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items())
+                print(f"  {'':<{width}}  {flag}: {listed}")
     print("networks (--network)")
     for name, sentence in NETWORKS:
         print(f"  {name:<4}  {sentence}")
