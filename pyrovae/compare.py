@@ -25,7 +25,6 @@ References:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 from .diagnostics import KHAT_THRESHOLD
 from .errors import PyrovaeError
 from .estimators import Estimate
+from .factory import sha256
 from .run import write_text_atomic
 
 CACHE_FOLDER = "evaluations"
@@ -214,22 +214,13 @@ def _describe_binarization(seed: int | None) -> str:
 # ---------------------------------------------------------------- the cache of evaluations
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(split: str, num_samples: int, particles_elbo: int, limit: int | None, seed: int,
               checkpoint: str | Path) -> dict:
     """The settings an evaluation of a checkpoint file (RUN/checkpoint.pt or RUN/best.pt) is
     cached under; the file's SHA-256 invalidates it when the model changes."""
     checkpoint = Path(checkpoint)
     return {"split": split, "num_samples": num_samples, "particles_elbo": particles_elbo,
-            "limit": limit, "seed": seed, "checkpoint": checkpoint.stem, "checkpoint_sha256": file_sha256(checkpoint)}
+            "limit": limit, "seed": seed, "checkpoint": checkpoint.stem, "checkpoint_sha256": sha256(checkpoint)}
 
 
 def cache_path(run_path: str | Path, key: dict) -> Path:

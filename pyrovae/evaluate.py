@@ -6,6 +6,10 @@ bounds L_k, the importance-sampled log p(x), the gap log p(x) − ELBO and the r
 weights (ESS, PSIS k̂). Points are processed a batch
 at a time and particles a chunk at a time, so memory is bounded by chunk × batch activations plus
 the K × batch log-weights that PSIS needs.
+
+With ``gaps``, the gap is split into the approximation and amortization gaps by fitting q* to each
+point, and with ``surgery`` the KL term is split into the mutual information I_q(x; z) and
+KL(q(z) ‖ p(z)) (:mod:`pyrovae.gaps`, where the formulas and what each number says are).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import contract, diagnostics, distributed, estimators
+from . import gaps as gaps_
 from .errors import PyrovaeError
 from .estimators import Estimate, KLEstimate
 from .evidence import log_weights
@@ -53,6 +58,17 @@ class Evaluation:
     note: str = ""
     log_w: torch.Tensor | None = None  # (K, N) when kept
     data_dim: int | None = None  # P, for bits per dimension
+    gaps: gaps_.Gaps | None = None  # the approximation and amortization gaps, when asked for
+    surgery: gaps_.Surgery | None = None  # ELBO surgery of these points, when asked for
+
+    def gaps_consistency(self) -> Estimate:
+        """(approximation + amortization) − gap per point: the gaps' sum (log p(x) with q* as the
+        proposal, ELBO[q] drawn anew) minus this evaluation's gap (log p(x) with q, its own ELBO
+        draws); independent estimates of KL(q ‖ p(z|x)), so 0 within the standard errors unless an
+        importance-sampling estimate is off (see the two k̂)."""
+        if self.gaps is None:
+            raise PyrovaeError("the gaps were not computed: evaluate with gaps=True")
+        return estimators.difference(self.gaps.total, self.gap)
 
     def summary(self) -> dict:
         """Means over points with their standard errors across points (nats), and the k̂ summary."""
@@ -74,6 +90,10 @@ class Evaluation:
         }
         if self.data_dim:
             s["bits_per_dim"] = -s["log_px"][0] / (self.data_dim * math.log(2))
+        if self.gaps is not None:
+            s["gaps"] = {**self.gaps.summary(), "sum_minus_gap": self.gaps_consistency().mean()}
+        if self.surgery is not None:
+            s["surgery"] = self.surgery.summary()
         return s
 
     def per_point(self) -> dict[str, list]:
@@ -84,7 +104,12 @@ class Evaluation:
             out[f"kl_{site}"] = k.best.value
         for k, e in self.iwae.items():
             out[f"iwae_{k}"] = e.value
-        return {name: v.tolist() for name, v in out.items()}
+        lists = {name: v.tolist() for name, v in out.items()}
+        if self.gaps is not None:
+            lists.update(self.gaps.per_point())
+        if self.surgery is not None:
+            lists.update(self.surgery.per_point())
+        return lists
 
     def table(self) -> str:
         """A readable table of the summary."""
@@ -100,6 +125,11 @@ class Evaluation:
             rows.append((f"IWAE bound L_{k}", *v))
         rows.append((f"log p(x), importance sampled (K={self.num_samples})", *s["log_px"]))
         rows.append(("gap log p(x) − ELBO ≈ KL(q‖posterior)", *s["gap"]))
+        if self.gaps is not None:
+            rows += self.gaps.rows()
+            rows.append(("  approximation + amortization − gap", *s["gaps"]["sum_minus_gap"]))
+        if self.surgery is not None:
+            rows += self.surgery.rows()
         width = max(len(r[0]) for r in rows)
         lines = [f"{'per data point, nats':<{width}}  {'mean':>10}  {'± s.e.':>8}"]
         lines += [f"{name:<{width}}  {v:>10.3f}  {e:>8.3f}" if not math.isnan(v) else f"{name:<{width}}  {'—':>10}"
@@ -110,6 +140,12 @@ class Evaluation:
                      f"{kh['share_above_0.7']:.1%} (k̂ > 0.7: the estimate of log p(x) for that point is unreliable)")
         if "bits_per_dim" in s:
             lines.append(f"bits per dimension {s['bits_per_dim']:.4f}")
+        if self.gaps is not None:
+            lines += self.gaps.notes()
+            lines.append("approximation + amortization − gap: independent estimates, 0 within a few s.e. when both "
+                         "importance-sampling estimates of log p(x) hold")
+        if self.surgery is not None:
+            lines += self.surgery.notes()
         lines.append(f"{s['num_points']} points; s.e. across points (data variation).")
         if self.note:
             lines.append(self.note)
@@ -196,6 +232,8 @@ def evaluate(
     seed: int | None = None,
     first_row: int = 0,
     particle_shard: tuple[int, int] = (0, 1),
+    gaps: bool | gaps_.GapSettings = False,
+    surgery: bool | None = None,
 ) -> Evaluation:
     """Evaluate on x (N, P), ``batch_size`` points at a time, in two independent passes per batch:
 
@@ -220,11 +258,21 @@ def evaluate(
     process's ``first_row`` is a multiple of ``batch_size``, nor on how the chunks are:
     ``particle_shard`` = (rank, W) makes the W processes of a torch.distributed group evaluate the
     same points together, each drawing every W-th chunk (see :func:`importance_log_weights`).
+
+    ``gaps``: also fit q* to each point and split the gap into the approximation and amortization
+    gaps (:func:`pyrovae.gaps.inference_gaps`; True: its default settings with ``particles_elbo``,
+    or a :class:`~pyrovae.gaps.GapSettings`), seeded by (seed, ``first_row`` + r) per batch as well.
+    ``surgery`` (default: as ``gaps``): ELBO surgery of these points (:func:`pyrovae.gaps.surgery`),
+    the aggregate posterior being theirs.
     """
     if num_samples < 1:
-        raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {num_samples}")
+        raise PyrovaeError(f"num_samples must be at least 1, got {num_samples}")
     if particles_elbo < 1:
-        raise PyrovaeError(f"--particles-elbo must be at least 1, got {particles_elbo}")
+        raise PyrovaeError(f"particles_elbo must be at least 1, got {particles_elbo}")
+    gap_settings = gaps_.GapSettings(particles_elbo=particles_elbo) if gaps is True else (gaps or None)
+    if gap_settings is not None:
+        gap_settings.check()
+    surgery = bool(gaps) if surgery is None else surgery
     batch_size = default_batch_size(num_samples, x.device) if batch_size is None else batch_size
     if batch_size < 1:
         raise PyrovaeError(f"the batch size must be at least 1, got {batch_size}")
@@ -281,6 +329,14 @@ def evaluate(
     def estimate(key: str) -> Estimate:
         return Estimate(out[key], out[key + "_stderr"])
 
+    gap_result = surgery_result = None
+    if gap_settings is not None:
+        gap_result = gaps_.inference_gaps(model, guide, x, gap_settings, progress=progress, seed=seed, first_row=first_row)
+    if surgery:
+        if seed is not None:
+            torch.manual_seed(batch_seed(seed, first_row, *gaps_.SURGERY_STREAM))
+        surgery_result = gaps_.surgery(model, guide, x, progress=progress)
+
     sites = [key.split("/", 1)[1] for key in out if key.startswith("kl_mc/") and not key.endswith("_stderr")]
     kl = {
         site: KLEstimate(estimate(f"kl_mc/{site}"), estimate(f"kl_analytic/{site}"), out[f"kl_z/{site}"])
@@ -300,6 +356,8 @@ def evaluate(
         note=note,
         log_w=torch.cat(log_ws, 1) if keep_log_weights else None,
         data_dim=x.shape[-1],
+        gaps=gap_result,
+        surgery=surgery_result,
     )
 
 

@@ -4,6 +4,10 @@ Prints means over the points with standard errors across points; --json writes t
 the per-point values; --netcdf writes the per-point log-weights and diagnostics as arviz InferenceData.
 --ais adds log p(x) by annealed importance sampling with HMC on the same points; --bdmc brackets
 log p(x) between AIS's lower and upper bounds on points simulated from the model.
+--gaps splits the gap log p(x) − ELBO into the approximation gap (the guide's family) and the
+amortization gap (the encoder) by fitting q* to each point, draws them per point sorted
+(--gaps-plot), and splits the KL term into the mutual information I_q(x; z) and KL(q(z) ‖ p(z))
+(ELBO surgery; --surgery alone for that part).
 Under ``torchrun -m pyrovae evaluate`` the points are shared among the processes, a block of whole
 passes each, and the results gathered on rank 0: identical to one process with the same --seed
 (the draws of each pass are seeded by the seed, the pass's first row and the chunk of particles).
@@ -21,12 +25,15 @@ from pathlib import Path
 
 import torch
 
-from pyrovae import ais as ais_, distributed, latents
+from pyrovae import ais as ais_, distributed, gaps as gaps_, latents
 from pyrovae.errors import PyrovaeError
-from pyrovae.evaluate import DEFAULT_IWAE_KS, batch_seed, cat, compile_pays, default_batch_size, evaluate, to_inference_data
+from pyrovae.evaluate import DEFAULT_IWAE_KS, cat, compile_pays, default_batch_size, evaluate, to_inference_data
+from pyrovae.plots import save_gaps_plot
 from pyrovae.run import resolve_device
 
-from .common import add_run_argument, open_run, writable_file
+from pyrovae.seeds import batch_seed
+
+from .common import add_run_argument, at_least, open_run, writable_file
 
 BDMC_STREAM, LATENT_STREAM = (0, 2), (0, 3)  # keys of their draws under --seed (see batch_seed)
 SHARD_CHUNK = 500  # importance samples per chunk under --shard-particles when --chunk-size is not given
@@ -62,7 +69,39 @@ def add_parser(sub) -> None:
     g.add_argument("--ais-batch-size", type=int, metavar="N", help="points per AIS pass (default: as many as fit 4096 chains)")
     g.add_argument("--bdmc", action="store_true",
                    help="bidirectional Monte Carlo: lower and upper bounds on log p(x) for --limit N points simulated from the model")
+    g = p.add_argument_group("why the bound is loose: the inference gaps (Cremer, Li & Duvenaud 2018) and ELBO surgery (Hoffman & Johnson 2016)")
+    g.add_argument("--gaps", action="store_true",
+                   help="fit q* of the guide's family to each point and split the gap into the approximation gap log p(x) − ELBO[q*] "
+                        "and the amortization gap ELBO[q*] − ELBO[q]; also ELBO surgery")
+    g.add_argument("--surgery", action="store_true",
+                   help="ELBO surgery: E KL(q(z|x) ‖ p(z)) = I_q(x; z) + KL(q(z) ‖ p(z)) per latent site, q(z) the points' aggregate posterior")
+    add_gap_arguments(g)
+    g.add_argument("--gaps-plot", type=Path, help="PNG of the per-point gaps, sorted (default with --gaps: RUN/gaps.png)")
     p.set_defaults(run=run)
+
+
+def add_gap_arguments(g) -> None:
+    """The options of q*'s fit, shared with ``pyrovae compare --gaps``."""
+    d = gaps_.GapSettings()
+    g.add_argument("--gap-steps", type=int, default=d.steps, metavar="S", help=f"Adam steps per point for q* (default: {d.steps})")
+    g.add_argument("--gap-lr", type=float, default=d.lr, metavar="LR",
+                   help=f"Adam's learning rate for q*, falling linearly to 0 over the second half of the steps (default: {d.lr})")
+    g.add_argument("--gap-particles", type=int, default=d.num_particles, metavar="M", help=f"draws per point per step (default: {d.num_particles})")
+    g.add_argument("--gap-samples", type=int, default=d.num_samples, metavar="K",
+                   help=f"importance samples per point for log p(x) with q* as the proposal (default: {d.num_samples})")
+    g.add_argument("--gap-batch-size", type=int, default=d.batch_size, metavar="B", help=f"points fitted together (default: {d.batch_size})")
+
+
+def gap_settings(args) -> gaps_.GapSettings:
+    """The fit's settings from the options, each checked under its own flag."""
+    for value, flag in ((args.gap_steps, "--gap-steps"), (args.gap_particles, "--gap-particles"),
+                        (args.gap_samples, "--gap-samples"), (args.gap_batch_size, "--gap-batch-size")):
+        at_least(value, 1, flag)
+    if not args.gap_lr > 0:
+        raise PyrovaeError(f"--gap-lr must be positive, got {args.gap_lr}")
+    return gaps_.GapSettings(steps=args.gap_steps, lr=args.gap_lr, num_particles=args.gap_particles,
+                             particles_elbo=args.particles_elbo, num_samples=args.gap_samples,
+                             batch_size=args.gap_batch_size, chunk_size=args.chunk_size)
 
 
 def run(args) -> int:
@@ -70,12 +109,15 @@ def run(args) -> int:
         raise PyrovaeError(f"--limit must be at least 1, got {args.limit}")
     if args.samples < 1:
         raise PyrovaeError(f"the number of importance samples -k must be at least 1, got {args.samples}")
+    at_least(args.particles_elbo, 1, "--particles-elbo")
     if args.batch_size is not None and args.batch_size < 1:
         raise PyrovaeError(f"the batch size must be at least 1, got {args.batch_size}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise PyrovaeError(f"the chunk size must be at least 1, got {args.chunk_size}")
     writable_file(args.json, "--json")
     writable_file(args.netcdf, "--netcdf")
+    writable_file(args.gaps_plot, "--gaps-plot")
+    args.gap_settings = gap_settings(args) if args.gaps else None
     options = dict(num_steps=args.ais_steps, num_chains=args.ais_chains, num_leapfrog=args.ais_leapfrog,
                    step_size=args.ais_step_size, start=args.ais_start, batch_size=args.ais_batch_size)
     if args.ais or args.bdmc:
@@ -120,6 +162,14 @@ def _run(args, options: dict) -> int:
                           particle_shard=(rank, size) if shard_particles else (0, 1))
     result = result if shard_particles else gathered(result)
     seconds = time.perf_counter() - start
+    gap_result, gap_seconds = None, 0.0
+    if args.gap_settings is not None:
+        start = time.perf_counter()
+        rows = block(len(x), args.gap_settings.batch_size)
+        part = gaps_.inference_gaps(module.model, module.guide, x[rows], args.gap_settings, progress=not args.no_progress and rank == 0,
+                                    seed=args.seed, first_row=rows.start) if rows.stop > rows.start else None
+        gap_result = gathered(part)
+        gap_seconds = time.perf_counter() - start
     ais_result = bdmc_result = None
     if args.ais:
         start = time.perf_counter()
@@ -131,12 +181,29 @@ def _run(args, options: dict) -> int:
     if rank != 0:
         return 0
     processes = f", {size} processes" if size > 1 else ""
+    surgery_seconds = 0.0
+    if args.gaps or args.surgery:  # over all the points: their aggregate posterior
+        start = time.perf_counter()
+        torch.manual_seed(batch_seed(args.seed, 0, *gaps_.SURGERY_STREAM))
+        result.surgery = gaps_.surgery(module.model, module.guide, x, progress=not args.no_progress)
+        surgery_seconds = time.perf_counter() - start
+    result.gaps = gap_result
     print(f"{run_.path}: {args.split} split, {len(x)} points, {seconds:.1f} s ({len(x) / seconds:.1f} points/s{processes})")
+    if gap_result is not None:
+        print(f"inference gaps: {gap_seconds:.1f} s ({len(x) / gap_seconds:.2f} points/s{processes})")
+    if result.surgery is not None:
+        print(f"ELBO surgery: {surgery_seconds:.1f} s")
     print(result.table())
     torch.manual_seed(batch_seed(args.seed, 0, *LATENT_STREAM))  # a guide without a closed-form mean is sampled
     means = torch.cat([m.reshape(len(x), -1) for m in latents.latent_means(module.guide, x).values()], 1)
     activity, active = latents.active_units(means)
-    print(f"active units: {int(active.sum())} of {active.numel()} latent dimensions (Cov_x E_q[z_u | x] > {latents.ACTIVITY_THRESHOLD})")
+    information = ""
+    if result.surgery is not None and result.surgery.sites:
+        information = "; mutual information " + ", ".join(
+            f"I_q(x; {site}) = {s.mutual_information.mean()[0]:.2f} ± {s.mutual_information.mean()[1]:.2f} nats"
+            for site, s in result.surgery.sites.items()) + f" (≤ log N = {result.surgery.max_mutual_information:.2f})"
+    print(f"active units: {int(active.sum())} of {active.numel()} latent dimensions (Cov_x E_q[z_u | x] > {latents.ACTIVITY_THRESHOLD})"
+          + information)
     if ais_result is not None:
         print(f"\nAIS on the same {len(x)} points, {ais_seconds:.1f} s ({len(x) / ais_seconds:.2f} points/s{processes})")
         print(ais_result.table())
@@ -150,6 +217,10 @@ def _run(args, options: dict) -> int:
     if args.json:
         summary = {"run": str(run_.path), "split": args.split, "seconds": seconds, **result.summary(),
                    "active_units": int(active.sum()), "activity": activity.tolist()}
+        if gap_result is not None:
+            summary["gaps"]["seconds"] = gap_seconds
+        if result.surgery is not None:
+            summary["surgery"]["seconds"] = surgery_seconds
         per_point = result.per_point()
         if ais_result is not None:
             summary["ais"] = {"seconds": ais_seconds, **ais_result.summary()}
@@ -162,4 +233,8 @@ def _run(args, options: dict) -> int:
     if args.netcdf:
         to_inference_data(result).to_netcdf(str(args.netcdf))
         print(f"wrote {args.netcdf}")
+    if gap_result is not None:
+        plot = args.gaps_plot if args.gaps_plot is not None else run_.path / "gaps.png"
+        save_gaps_plot(gap_result, plot, gap=result.gap, surgery=result.surgery, title=f"{run_.path.name}, {args.split} split")
+        print(f"wrote {plot}")
     return 0
