@@ -1,0 +1,87 @@
+"""The documentation builds with warnings as errors, and its tables are the benchmarks' results.
+
+The code blocks of the pages are run by tests/test_readme.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def load_tables():
+    spec = importlib.util.spec_from_file_location("benchmark_tables", ROOT / "benchmarks" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_tables_are_what_the_results_give(capsys):
+    """Rerunning a benchmark without `python benchmarks/tables.py` (or editing a table by hand) fails here."""
+    status = load_tables().main(["--check"])
+    assert status == 0, capsys.readouterr().err
+
+
+def test_every_generated_table_says_machine_date_and_command():
+    tables = load_tables()
+    for path, text in tables.render().items():
+        assert "Measured on" in text, path.name
+        assert re.search(r"\d{4}-\d{2}-\d{2}|date not recorded", text), path.name
+        assert re.search(r"`(OMP_NUM_THREADS=1 )?(python benchmarks/\S+\.py|pyrovae )", text), path.name
+        assert "do not edit" in text.splitlines()[0], path.name
+
+
+def test_every_generated_table_is_on_a_page():
+    pages = "".join(p.read_text(encoding="utf-8") for p in DOCS.glob("*.md"))
+    for path in (DOCS / "generated").glob("*.md"):
+        assert f"generated/{path.name}" in pages, f"no page includes docs/generated/{path.name}"
+
+
+def test_the_headline_is_the_best_recorded_quality():
+    results = [json.loads(p.read_text()) for p in (ROOT / "benchmarks" / "results").glob("quality_15min*.json")]
+    best = max(r["summary"]["log_px"][0] for d in results for r in d["results"])
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"{best:.2f}".replace("-", "−") in readme
+
+
+def test_every_module_is_in_the_api_reference():
+    """A module no page names is documented by the API index's {pyrovae-other-modules}."""
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        import pyrovae_docs
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    modules = pyrovae_docs.all_modules()
+    assert {"pyrovae.evaluate", "pyrovae.models.priors", "pyrovae.guides.gaussian", "pyrovae.cli.train"} <= set(modules)
+    assert "{pyrovae-other-modules}" in (DOCS / "api" / "index.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_docs_build_with_warnings_as_errors(tmp_path):
+    out = tmp_path / "html"
+    done = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html", str(DOCS), str(out),
+         "-d", str(tmp_path / "doctrees")],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    tutorial = (out / "tutorial.html").read_text(encoding="utf-8")
+    assert "Student-t" in tutorial and "main([" in tutorial  # the notebook, rendered as stored
+    api = "".join(p.read_text(encoding="utf-8") for p in (out / "api").glob("*.html"))
+    for name in ("pyrovae.train.fit", "pyrovae.train.TrainConfig", "pyrovae.evaluate.evaluate", "pyrovae.evaluate.Evaluation",
+                 "pyrovae.evidence.log_weights", "pyrovae.estimators.log_px", "pyrovae.ais.ais", "pyrovae.ais.bdmc",
+                 "pyrovae.compare.compare", "pyrovae.registry.Registry", "pyrovae.run.Run.load_model"):
+        assert f'id="{name}"' in api, f"{name} is not in the API reference"
+    cli = (out / "cli.html").read_text(encoding="utf-8")
+    assert "--checkpoint-every" in cli and "--ais-steps" in cli  # the parsers' own help
+    performance = (out / "performance.html").read_text(encoding="utf-8")
+    assert "benchmarks/results/train_step.json" in performance
