@@ -10,8 +10,8 @@ MyST comment ``% not run: REASON`` (in the README, which GitHub renders, an HTML
 - Shell blocks of a page run line by line, in order, in a fresh folder that holds links to the
   checkout's ``examples/`` and ``benchmarks/``: each page trains the runs it reads. ``pyrovae ...``
   runs the command line in this process; ``python FILE ...`` runs a script with this Python. To
-  keep the suite short, sizes are cut, always the same way (:func:`shrunk`): at most 2 epochs,
-  K ≤ 100 importance samples on ≤ 20 points, AIS with T ≤ 5, M ≤ 2, L ≤ 2. The commands are
+  keep the suite short, sizes are cut, always the same way (:func:`shrunk`): at most 2 epochs
+  (4 with ``--resume``, so that a resumed run still has epochs to train), K ≤ 100 importance samples on ≤ 20 points, AIS with T ≤ 5, M ≤ 2, L ≤ 2. The commands are
   otherwise run as written, so an option that does not exist, a wrong path or a command that fails
   fails the test.
 """
@@ -93,6 +93,8 @@ def shrunk(argv: list[str]) -> list[str]:
     """``pyrovae COMMAND ...`` with its sizes capped as the module docstring says."""
     command, args = argv[1], [ALIASES.get(a, a) for a in argv[2:]]
     caps = dict(CAPS.get(command, {}))
+    if command == "train" and "--resume" in args:
+        caps["--epochs"] = (2 * CAPS["train"]["--epochs"][0], None)  # above what the first run trained
     if command == "evaluate" and ("--ais" in args or "--bdmc" in args):
         caps.update({k: (c, c) for k, (c, _) in caps.items() if k.startswith("--ais-")})
     out = []
@@ -162,6 +164,8 @@ def test_shrinking_caps_sizes_and_keeps_the_rest():
     assert shrunk(["pyrovae", "train", "--epochs", "1", "--out", "r"]) == ["pyrovae", "train", "--epochs", "1", "--out", "r", "--no-progress"]
     assert shrunk(["pyrovae", "evaluate", "r", "--ais", "--ais-steps", "1000"])[3:9] == ["--ais", "--ais-steps", "5", "-k", "100", "--limit"]
     assert shrunk(["pyrovae", "sample", "r"]) == ["pyrovae", "sample", "r"]
+    assert shrunk(["pyrovae", "train", "--out", "r", "--resume", "--epochs", "20"])[-3:] == ["--epochs", "4", "--no-progress"]
+    assert shrunk(["pyrovae", "train", "--out", "r", "--resume"]) == ["pyrovae", "train", "--out", "r", "--resume", "--no-progress"]
 
 
 # ---------------------------------------------------------------- running them
