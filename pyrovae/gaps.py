@@ -80,6 +80,7 @@ from .context import fast_context
 from .errors import PyrovaeError
 from .estimators import Estimate
 from .seeds import batch_seed
+from .traces import latent_values, particle_traces, sample_sites, unscaled_log_prob
 
 GAPS_STREAM, SURGERY_STREAM = (0, 4), (0, 5)  # keys of their draws under a seed (see pyrovae.seeds.batch_seed)
 CONVERGENCE_WINDOW = 0.1  # the share of the steps in each window of the convergence check
@@ -169,9 +170,8 @@ class FreeParameters(Messenger):
 
     The first run records the guide's own distributions as the initial values; later runs must
     meet the same sites. ``detach``: the parameters enter as constants (for estimates after the fit).
-    The values drawn at each site during the last run are kept in ``values`` (for the fit's
-    gradient estimator). Use it as ``FreeParameters()(guide)`` inside the particle plate, outside
-    the guide's data plate, as :func:`pyrovae.evidence.site_log_probs` places the guide.
+    Use it as ``FreeParameters()(guide)`` inside the particle plate, outside the guide's data
+    plate, as :func:`pyrovae.traces.particle_traces` places the guide.
     """
 
     def __init__(self, sites: dict[str, FreeSite] | None = None, detach: bool = False):
@@ -179,7 +179,6 @@ class FreeParameters(Messenger):
         self.sites: dict[str, FreeSite] = {} if sites is None else sites
         self.initializing = sites is None
         self.detach = detach
-        self.values: dict[str, torch.Tensor] = {}
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or site_is_subsample(msg):
@@ -191,10 +190,6 @@ class FreeParameters(Messenger):
             self.sites[name] = FreeSite.like(name, msg["fn"])
         msg["fn"] = self.sites[name].distribution(self.detach)
 
-    def _pyro_post_sample(self, msg) -> None:
-        if not msg["is_observed"] and not site_is_subsample(msg):
-            self.values[msg["name"]] = msg["value"]
-
     def parameters(self) -> list[torch.Tensor]:
         return [p for site in self.sites.values() for p in site.params.values()]
 
@@ -202,9 +197,10 @@ class FreeParameters(Messenger):
         """The same parameters as constants."""
         return FreeParameters(self.sites, detach=True)
 
-    def stl_log_q(self) -> torch.Tensor:
-        """Σ_s log q*_s(z_s) at the last run's draws, the parameters held fixed: (K, B)."""
-        return sum(self.sites[name].distribution(detach=True).log_prob(z) for name, z in self.values.items())
+    def stl_log_q(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_s log q*_s(z_s) at the draws ``values`` ({site: (K, B, *event)}), the parameters held
+        fixed: (K, B)."""
+        return sum(self.sites[name].distribution(detach=True).log_prob(z) for name, z in values.items())
 
 
 # ---------------------------------------------------------------- which sites depend on which
@@ -292,10 +288,10 @@ def stl_elbo(model: Callable, guide: Callable, free: FreeParameters, x: torch.Te
     """ELBO(x_n) ≈ (1/K) Σ_k [log p(x_n, z_k) − log q*(z_k | x_n)], z_k ~ q*(·|x_n), (B,), with log q*
     evaluated at fixed parameters: the same value as the plain estimate, and the "sticking the
     landing" gradient (Roeder et al. 2017), whose variance vanishes where q* is the posterior."""
-    free.values.clear()
-    terms = evidence.site_log_probs(model, free(guide), x, num_particles, analytic_kl=False)
-    log_joint = sum(terms.log_likelihood.values()) + sum(terms.log_prior.values())  # (K, B)
-    return (log_joint - free.stl_log_q()).mean(0)
+    guide_trace, model_trace = particle_traces(model, free(guide), x, num_particles)
+    shape = torch.Size([num_particles, len(x)])
+    log_joint = sum(unscaled_log_prob(name, site, shape) for name, site in sample_sites(model_trace))  # (K, B)
+    return (log_joint - free.stl_log_q(latent_values(guide_trace))).mean(0)
 
 
 def fit_optimal(model: Callable, guide: Callable, x: torch.Tensor, settings: GapSettings,
@@ -376,10 +372,9 @@ def check_supported(guide: Callable, x: torch.Tensor) -> dict[str, str]:
             f"{', '.join(map(repr, found))}, so the family of q(z|x) includes the shared conditioning network and its "
             "per-point optimum q* is not defined here"
         )
-    record = _Record()
     with torch.no_grad(), fast_context(), poutine.block():
-        record(guide)(x[:2])
-    return {name: _family(name, fn)[0] for name, fn in record.fns.items()}
+        fns = latent_distributions(guide, x[:2])
+    return {name: _family(name, fn)[0] for name, fn in fns.items()}
 
 
 @dataclass
@@ -432,8 +427,8 @@ class Gaps:
             "amortization": self.amortization.mean(),
             "total": self.total.mean(),
             "khat": diagnostics.khat_summary(self.khat),
-            "convergence": {"rise_last_tenth_mean": _nanmean(self.rise.value), "rise_last_tenth_max": _nanmax(self.rise.value),
-                            "rise_second_half_mean": _nanmean(self.rise_annealed.value),
+            "convergence": {"rise_last_tenth_mean": torch.nanmean(self.rise.value).item(), "rise_last_tenth_max": _nanmax(self.rise.value),
+                            "rise_second_half_mean": torch.nanmean(self.rise_annealed.value).item(),
                             "rise_second_half_max": _nanmax(self.rise_annealed.value),
                             "share_still_rising": rising.double().mean().item()},
         }
@@ -508,7 +503,7 @@ def inference_gaps(model: Callable, guide: Callable, x: torch.Tensor, settings: 
             if seed is not None:
                 torch.manual_seed(batch_seed(seed, first_row + start, *GAPS_STREAM))
             free, history = fit_optimal(model, guide, xb, settings,
-                                        on_step=lambda: bar.update(len(xb) / settings.steps))
+                                        on_step=lambda n=len(xb): bar.update(n / settings.steps))
             families.update({name: site.family for name, site in free.sites.items()})
             fixed = free.frozen()
             elbo = estimators.elbo(evidence.log_weights(model, guide, xb, settings.particles_elbo, analytic_kl=False).log_w.double())
@@ -539,21 +534,10 @@ def inference_gaps(model: Callable, guide: Callable, x: torch.Tensor, settings: 
 # ---------------------------------------------------------------- ELBO surgery
 
 
-class _Record(Messenger):
-    """Keep each latent site's drawn value and its distribution as the data plate gives it (batch (B,))."""
-
-    def __init__(self):
-        super().__init__()
-        self.values: dict[str, torch.Tensor] = {}
-        self.fns: dict[str, Distribution] = {}
-
-    def _pyro_sample(self, msg) -> None:
-        if not msg["is_observed"] and not site_is_subsample(msg):
-            self.fns[msg["name"]] = msg["fn"]
-
-    def _pyro_post_sample(self, msg) -> None:
-        if not msg["is_observed"] and not site_is_subsample(msg):
-            self.values[msg["name"]] = msg["value"]
+def latent_distributions(guide: Callable, x: torch.Tensor) -> dict[str, Distribution]:
+    """{site: q(z_s | x, ·)} of one run of ``guide(x)``, each of batch (B,) as the data plate gives it."""
+    trace = poutine.trace(guide).get_trace(x)
+    return {name: site["fn"] for name, site in sample_sites(trace) if not site["is_observed"]}
 
 
 def aggregate_log_density(z: torch.Tensor, components: list[Distribution], num_points: int,
@@ -667,21 +651,20 @@ def surgery(model: Callable, guide: Callable, x: torch.Tensor, num_particles: in
     components: dict[str, list[Distribution]] = {}
     with fast_context(), torch.no_grad():
         for start in range(0, N, batch_size):
-            record = _Record()
-            poutine.trace(record(guide)).get_trace(x[start:start + batch_size])
-            for name, fn in record.fns.items():
+            for name, fn in latent_distributions(guide, x[start:start + batch_size]).items():
                 if name not in skipped:
                     components.setdefault(name, []).append(fn)
         parts: dict[str, dict[str, list[torch.Tensor]]] = {name: {"q": [], "agg": [], "p": []} for name in components}
         with tqdm(total=N, disable=not progress, unit="point", dynamic_ncols=True, desc="ELBO surgery") as bar:
             for start in range(0, N, batch_size):
                 xb = x[start:start + batch_size]
-                record = _Record()
-                terms = evidence.site_log_probs(model, record(guide), xb, num_particles, analytic_kl=False)
-                for name in components:
-                    parts[name]["q"].append(terms.log_q[name].double().cpu())  # (M, B)
-                    parts[name]["p"].append(terms.log_prior[name].double().cpu())
-                    parts[name]["agg"].append(aggregate_log_density(record.values[name], components[name], N).cpu())
+                shape = torch.Size([num_particles, len(xb)])
+                guide_trace, model_trace = particle_traces(model, guide, xb, num_particles)
+                for name, fns in components.items():
+                    q_site, p_site = guide_trace.nodes[name], model_trace.nodes[name]
+                    parts[name]["q"].append(unscaled_log_prob(name, q_site, shape).double().cpu())  # (M, B)
+                    parts[name]["p"].append(unscaled_log_prob(name, p_site, shape).double().cpu())
+                    parts[name]["agg"].append(aggregate_log_density(q_site["value"], fns, N).cpu())
                 bar.update(len(xb))
     sites = {}
     for name, p in parts.items():
@@ -706,11 +689,6 @@ def _means(components: list[Distribution]) -> torch.Tensor | None:
         return torch.cat([fn.mean.reshape(fn.batch_shape[0], -1) for fn in components]).double().cpu()
     except NotImplementedError:
         return None
-
-
-def _nanmean(t: torch.Tensor) -> float:
-    ok = ~t.isnan()
-    return t[ok].mean().item() if ok.any() else math.nan
 
 
 def _nanmax(t: torch.Tensor) -> float:
