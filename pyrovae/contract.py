@@ -17,6 +17,7 @@ from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ContractError, DataError
+from .traces import DiscreteSites, discrete_sites, is_discrete
 
 
 def _sample_sites(trace) -> dict[str, dict]:
@@ -33,14 +34,15 @@ def _raised(program: str, e: Exception) -> ContractError:
     return ContractError(f"the {program} raised {type(e).__name__}: {first}{hint}")
 
 
-def traces(model: Callable, guide: Callable, x: torch.Tensor):
-    """(guide trace, model trace replayed on it) for x; a program that raises becomes a ContractError."""
+def traces(model: Callable, guide: Callable, x: torch.Tensor, *args, **kwargs):
+    """(guide trace, model trace replayed on it) for ``x`` (and further arguments, a batch's labels);
+    a program that raises becomes a ContractError."""
     try:
-        guide_trace = poutine.trace(guide).get_trace(x)
+        guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
     except Exception as e:  # the user's code: say where it failed, keep no traceback
         raise _raised("guide", e) from e
     try:
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
     except Exception as e:
         raise _raised("model", e) from e
     return guide_trace, model_trace
@@ -78,9 +80,15 @@ def _check_site(name: str, site: dict, program: str, n: int) -> None:
         )
 
 
-def check(model: Callable, guide: Callable, x: torch.Tensor, what: str = "the data") -> None:
+def check(model: Callable, guide: Callable, x: torch.Tensor, what: str = "the data") -> DiscreteSites:
     """Raise ContractError (or DataError for data outside the likelihood's support) naming the rule
-    broken and the site. x: a small batch (n, P) as training or evaluation will see it."""
+    broken and the site. x: a small batch (n, P) as training or evaluation will see it.
+
+    Discrete latent sites: a model site the guide does not sample must be discrete and marked
+    ``infer={"enumerate": "parallel"}`` (it is then summed out); a discrete site the guide samples is
+    either marked for enumeration too (summed over by ``TraceEnum_ELBO``) or drawn (score-function
+    gradient). Returns the discrete sites found (:class:`pyrovae.traces.DiscreteSites`); which
+    objectives fit them is :func:`check_objective`'s business."""
     n = x.shape[0]
     with pyro.validation_enabled(False):
         guide_trace, model_trace = traces(model, guide, x)
@@ -88,9 +96,15 @@ def check(model: Callable, guide: Callable, x: torch.Tensor, what: str = "the da
     observed = {name: s for name, s in model_sites.items() if s["is_observed"]}
     if not observed:
         raise ContractError("the model has no observed site: observe the data with pyro.sample('x', ..., obs=x)")
-    for name, site in model_sites.items():
-        if not site["is_observed"] and name not in guide_sites:
-            raise ContractError(f"latent site {name!r} of the model is not sampled by the guide: the guide must sample every latent site")
+    discrete = discrete_sites(model_trace, guide_trace)
+    if discrete.sequential:
+        raise ContractError(f"site {discrete.sequential[0]!r} is marked for sequential enumeration: only "
+                            "infer={'enumerate': 'parallel'} is supported")
+    for name in discrete.missing:
+        site = model_sites[name]
+        fix = ("mark it infer={'enumerate': 'parallel'} (or wrap the model in config_enumerate) to have it summed out, "
+               "or sample it in the guide" if is_discrete(site) else "the guide must sample every continuous latent site")
+        raise ContractError(f"latent site {name!r} of the model is not sampled by the guide: {fix}")
     for name in guide_sites:
         if name not in model_sites:
             raise ContractError(f"guide site {name!r} has no site of that name in the model: every guide site must be a latent site of the model")
@@ -102,6 +116,27 @@ def check(model: Callable, guide: Callable, x: torch.Tensor, what: str = "the da
         _check_site(name, site, "guide", n)
     for name, site in observed.items():
         check_support(site["fn"].support, site["value"], f"{what} (observed site {name!r})")
+    return discrete
+
+
+REPARAMETERIZED_ONLY = ("mean-field", "iwae", "iwae-dreg")
+"""Objectives whose estimators need every latent site reparameterized and none summed out."""
+
+
+def check_objective(objective: str, discrete: DiscreteSites) -> None:
+    """ContractError, in one line naming the objective that fits, where ``objective`` cannot train a
+    model with these discrete sites: the IWAE and mean-field objectives need every latent site
+    reparameterized and drawn by the guide; ``elbo`` fits all (``TraceEnum_ELBO`` where sites are
+    enumerated, score-function terms where the guide draws a discrete site)."""
+    if objective not in REPARAMETERIZED_ONLY or not discrete.any:
+        return
+    if discrete.summed or discrete.enumerated:
+        sites = discrete.summed + discrete.enumerated
+        raise ContractError(f"objective `{objective}` cannot sum out the enumerated discrete site {sites[0]!r}: "
+                            "use objective `elbo` (TraceEnum_ELBO)")
+    raise ContractError(f"objective `{objective}` needs reparameterized guide sites, but the guide samples the discrete "
+                        f"site {discrete.sampled[0]!r}: use objective `elbo` (score-function gradient), or mark the site "
+                        "infer={'enumerate': 'parallel'} to have it summed out")
 
 
 def elementwise(support):

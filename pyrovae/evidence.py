@@ -10,7 +10,21 @@ data point, which every estimator in :mod:`pyrovae.estimators` needs.
 
 The contract (see the README): data points are the rightmost batch dimension, inside
 ``pyro.plate("data", ...)`` at dim −1; all other dimensions of a site are event dimensions;
-the guide samples every latent site of the model.
+the guide samples every latent site of the model, or the model marks a discrete one for enumeration.
+
+Discrete latent sites. A model site the guide does not sample, marked ``infer={"enumerate":
+"parallel"}``, is summed out exactly: the model is run under ``poutine.enum`` (enumeration dims
+left of the particle plate, :func:`pyrovae.traces.particle_traces`), the log-densities of the sites
+whose shape carries those dims are added up and reduced by ``logsumexp`` over them,
+
+    log p(x, z_k) = Σ_{sites without c} log p(·) + log Σ_c exp Σ_{sites with c} log p(·),
+
+and that marginal term is kept under the name of the one guide site it involves (the prior of z
+with the component summed out: ``log_prior["z"]``), or of the observed site where the data depend
+on c (``log_likelihood["x"]``), or under the joined names ``"z1+z2"`` of several. A discrete site the
+guide samples (whether or not training enumerates it) is drawn from q and its log q enters the weight
+like any other site's: the weights stay unbiased for p(x), and the ELBO (1/K) Σ_k log w_k estimates
+the same ELBO that ``TraceEnum_ELBO`` sums exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ import torch
 
 from .errors import ContractError, PyrovaeError
 from .kl import site_kl
-from .traces import check_data_plate, particle_traces, sample_sites, unscaled_log_prob
+from .traces import check_data_plate, enumeration, particle_traces, sample_sites, unscaled_log_prob
 
 
 @dataclass
@@ -42,7 +56,9 @@ class SiteLogProbs:
 
     @property
     def latent_sites(self) -> list[str]:
-        return list(self.log_q)
+        """Latent sites with a log q and a log prior of their own (a site whose prior is summed out
+        together with another's or with the likelihood has none)."""
+        return [s for s in self.log_q if s in self.log_prior]
 
     @staticmethod
     def cat(chunks: list["SiteLogProbs"]) -> "SiteLogProbs":
@@ -69,25 +85,49 @@ def site_log_probs(
     """
     N = x.shape[0]
     shape = torch.Size([num_particles, N])
-    guide_trace, model_trace = particle_traces(model, guide, x, num_particles, *args, **kwargs)
+    guide_trace, model_trace = particle_traces(model, guide, x, num_particles, *args, enumerate_model=True, **kwargs)
     terms = SiteLogProbs({}, {}, {}, {}, {})
+    summed: list[tuple[str, dict, torch.Tensor]] = []  # sites whose log-density carries enumeration dims
     for name, site in sample_sites(model_trace):
         check_data_plate(name, site, "model")
-        if site["is_observed"]:
-            terms.log_likelihood[name] = unscaled_log_prob(name, site, shape, compiled)
+        if not site["is_observed"] and name not in guide_trace.nodes and enumeration(site) is None:
+            raise ContractError(f"the guide does not sample latent site {name!r} of the model: a guide must sample every "
+                                "latent site, or the model mark a discrete one infer={'enumerate': 'parallel'}")
+        log_p = unscaled_log_prob(name, site, shape, compiled, enumerated=True)
+        if log_p.dim() > len(shape):
+            summed.append((name, site, log_p))
             continue
-        if name not in guide_trace.nodes:
-            raise ContractError(f"the guide does not sample latent site {name!r} of the model: a guide must sample every latent site")
-        q_site = guide_trace.nodes[name]
+        log_p = log_p.expand(shape)
+        if site["is_observed"]:
+            terms.log_likelihood[name] = log_p
+            continue
+        terms.log_prior[name] = log_p
+    for name, q_site in sample_sites(guide_trace):
+        if name not in model_trace.nodes:
+            continue
         check_data_plate(name, q_site, "guide")
-        terms.log_prior[name] = unscaled_log_prob(name, site, shape, compiled)
         terms.log_q[name] = unscaled_log_prob(name, q_site, shape, compiled)
+        if name not in terms.log_prior:
+            continue
         if analytic_kl:
             kl = site_kl(name, model_trace, guide_trace)
             terms.kl_analytic[name] = None if kl.value is None else kl.value.expand(shape)
             terms.kl_method[name] = kl.method
         else:
             terms.kl_analytic[name] = None
+    if summed:
+        total = sum(log_p for _, _, log_p in summed)  # (C…, K or 1, N or 1)
+        marginal = torch.logsumexp(total.reshape(-1, *total.shape[-2:]), 0).expand(shape)  # Σ over every enumerated dim
+        observed = [name for name, site, _ in summed if site["is_observed"]]
+        drawn = [name for name, _, _ in summed if name in terms.log_q]
+        if observed:
+            terms.log_likelihood[observed[0]] = marginal
+        else:
+            key = "+".join(drawn) if drawn else "+".join(name for name, _, _ in summed)
+            terms.log_prior[key] = marginal
+            if len(drawn) == 1:
+                terms.kl_analytic[key] = None
+                terms.kl_method[key] = "no closed form"
     if not terms.log_likelihood:
         raise ContractError("the model has no observed site: observe the data with pyro.sample(..., obs=x)")
     return terms

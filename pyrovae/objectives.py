@@ -9,6 +9,11 @@ over the batch, whose gradient is the objective's reparameterized gradient estim
     −(1/K) Σ_k [Σ_model log p − Σ_guide log q], plus its score-function terms for a guide site that
     is not reparameterized; the same value and gradients as ``Trace_ELBO.differentiable_loss``,
     without its host syncs.
+    Discrete latent sites (:func:`pyrovae.traces.discrete_sites`): where the model or the guide marks a
+    site ``infer={"enumerate": "parallel"}``, the ELBO is Pyro's ``TraceEnum_ELBO`` (a model site the
+    guide does not sample summed out exactly, a guide site summed over with its weights q); a
+    discrete site the guide draws without that mark gets the score-function term above. The
+    estimator used is logged once per kind of batch (:attr:`Loss.estimators`).
 ``mean-field``
     The same bound with KL(q ‖ p) in closed form at each latent site where
     ``torch.distributions.kl_divergence`` has one and it is the site's KL term (:mod:`pyrovae.kl`):
@@ -50,16 +55,19 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
+from .contract import check_objective, traces as contract_traces
+from .data import Labelled
 from .errors import PyrovaeError
 from .evidence import SiteLogProbs, site_log_probs
 from .kl import site_kl
-from .traces import PARTICLE_DIM, at, latent_values, sample_sites
+from .traces import PARTICLE_DIM, DiscreteSites, at, discrete_sites, latent_values, sample_sites
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +151,11 @@ def elbo_surrogate(model_trace, guide_trace, mean_field: bool = False, inapplica
     return elbo
 
 
+def _tracing() -> bool:
+    """Whether the loss is being recorded into a graph (``make_fx`` or ``torch.compile``), not run."""
+    return get_proxy_mode() is not None or torch.compiler.is_compiling()
+
+
 def _log_w(terms: SiteLogProbs, beta: float) -> torch.Tensor:
     """log p(x|z) + β (log p(z) − log q(z|x)), (K, N)."""
     log_lik = sum(terms.log_likelihood.values())
@@ -168,11 +181,46 @@ class Loss:
         self.num_particles = num_particles
         self.beta = beta
         self._traces = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+        self._enum = TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1,
+                                    strict_enumeration_warning=False)
         self._warned: set[str] = set()
+        self.estimators: dict[tuple, str] = {}  # kind of call (which arguments are given) → estimator used
+        self._discrete: dict[tuple, DiscreteSites] = {}
+
+    def discrete(self, x: torch.Tensor, *args, **kwargs) -> DiscreteSites:
+        """The discrete sites of the model and guide called on these arguments (traced once per kind of
+        call: a labelled batch may have none where an unlabelled one has some); refuses an objective
+        that cannot train them (:func:`pyrovae.contract.check_objective`)."""
+        key = (tuple(a is None for a in args), tuple(sorted(k for k, v in kwargs.items() if v is not None)))
+        if key not in self._discrete and _tracing():  # a captured step records the loss: none of this in its graph
+            return DiscreteSites((), (), (), (), ())
+        if key not in self._discrete:
+            devices = [x.device] if x.device.type == "cuda" else []  # the trace's draws leave the random streams as they were
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), pyro.validation_enabled(False), poutine.block():
+                guide_trace, model_trace = contract_traces(self.model, self.guide, x[:2], *(a[:2] if torch.is_tensor(a) else a for a in args),
+                                                           **{k: v[:2] if torch.is_tensor(v) else v for k, v in kwargs.items()})
+            found = discrete_sites(model_trace, guide_trace)
+            check_objective(self.objective, found)
+            self._discrete[key] = found
+            if self.objective in ("elbo", "mean-field", "iwae", "iwae-dreg"):
+                estimator = self._estimator(found)
+                self.estimators[key] = estimator
+                what = "labelled" if any(a is not None for a in args) else "unlabelled"
+                log.info("objective %s on %s batches: %s", self.objective, what, estimator)
+        return self._discrete[key]
+
+    def _estimator(self, found: DiscreteSites) -> str:
+        if self.objective != "elbo" or not found.any:
+            return {"elbo": "Trace_ELBO", "mean-field": "TraceMeanField_ELBO"}.get(self.objective, f"{self.objective} (reparameterized)")
+        if found.summed or found.enumerated:
+            return f"TraceEnum_ELBO (enumerated: {', '.join(found.summed + found.enumerated)})"
+        return f"Trace_ELBO with score-function terms (guide samples: {', '.join(found.sampled)})"
 
     def __call__(self, x: torch.Tensor, *args, beta: float | torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """−objective summed over the batch at ``x``; ``beta`` (a float, or a 0-d tensor as a captured
         step passes it) overrides ``self.beta`` for this call."""
+        if isinstance(x, Labelled):  # a labelled batch: model(x, y), guide(x, y)
+            x, args = x.x, (x.y, *args)
         if beta is None:
             beta = float(self.beta)
         if not torch.is_tensor(beta) and not beta >= 0:
@@ -187,6 +235,12 @@ class Loss:
         """(1/K) Σ_k :func:`elbo_surrogate` on the traces of ``Trace_ELBO(num_particles=K,
         vectorize_particles=K > 1)``, β on the latent sites: the batch's ELBO (a differentiable scalar)."""
         scaled = not (not torch.is_tensor(beta) and beta == 1)
+        found = self.discrete(x, *args, **kwargs)
+        if found.summed or found.enumerated:
+            if scaled:
+                raise PyrovaeError("`beta` other than 1 (and KL warm-up) is not defined for a model with enumerated discrete "
+                                   "sites: TraceEnum_ELBO needs one scale for all the sites it sums out; use `beta` 1")
+            return -self._enum.differentiable_loss(self.model, self.guide, x, *args, **kwargs)
         inapplicable: set[str] = set()
         total = 0.0
         with scale_latents(beta) if scaled else contextlib.nullcontext():
@@ -201,6 +255,7 @@ class Loss:
     def iwae(self, x: torch.Tensor, *args, beta: float | torch.Tensor = 1.0, **kwargs) -> torch.Tensor:
         """L_k(x_n) on one set of k draws per point, differentiable, (N,); ``beta`` may be a 0-d tensor."""
         k = self.num_particles
+        self.discrete(x, *args, **kwargs)
         terms = site_log_probs(self.model, self.guide, x, k, *args, analytic_kl=False, **kwargs)
         return torch.logsumexp(_log_w(terms, beta), 0) - math.log(k)
 
@@ -217,6 +272,7 @@ class Loss:
            the identity moves it into c_i.
         """
         k = self.num_particles
+        self.discrete(x, *args, **kwargs)
         with pyro.plate("particles", k, dim=PARTICLE_DIM):
             guide_trace = poutine.trace(self.guide).get_trace(x, *args, **kwargs)
         paths = latent_values(guide_trace)  # z_i(φ)

@@ -15,7 +15,7 @@ sums over the data plate; these traces keep one column per data point.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import pyro
 import torch
@@ -76,9 +76,15 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
     return fn.log_prob(value)
 
 
-def unscaled_log_prob(name: str, site: dict, shape: torch.Size, compiled: bool = False) -> torch.Tensor:
-    """log p(value) of ``site`` without Pyro's scale (subsampling, β), checked to be ``shape`` = (K, N)."""
+def unscaled_log_prob(name: str, site: dict, shape: torch.Size, compiled: bool = False, enumerated: bool = False) -> torch.Tensor:
+    """log p(value) of ``site`` without Pyro's scale (subsampling, β), checked to be ``shape`` = (K, N).
+
+    ``enumerated``: the site may carry enumeration dims left of (K, N) (:func:`particle_traces` with
+    ``enumerate_model``), and K or N may be 1 there (broadcast): shape (C…, K or 1, N or 1)."""
     log_p = (fused_log_prob if compiled else _log_prob)(site["fn"], site["value"])
+    if enumerated and log_p.dim() >= len(shape) and all(a in (1, b) for a, b in zip(log_p.shape[-len(shape):], shape)) \
+            and (log_p.dim() > len(shape) or log_p.shape == shape):
+        return log_p
     if log_p.shape != shape:
         raise ContractError(
             f"site {name!r} has log-probability shape {tuple(log_p.shape)}, expected (particles, data) = {tuple(shape)}: "
@@ -87,14 +93,71 @@ def unscaled_log_prob(name: str, site: dict, shape: torch.Size, compiled: bool =
     return log_p
 
 
-def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args, **kwargs):
+ENUM_DIM = PARTICLE_DIM - 1
+"""The first dim free for enumeration: left of the particle plate (−2) and the data plate (−1)."""
+
+
+def is_discrete(site: dict) -> bool:
+    """Whether a sample site's distribution is discrete (has a finite support Pyro can enumerate)."""
+    return bool(getattr(site["fn"], "has_enumerate_support", False))
+
+
+def enumeration(site: dict) -> str | None:
+    """How the site asks to be enumerated: ``"parallel"``, ``"sequential"``, or None (not at all)."""
+    return (site.get("infer") or {}).get("enumerate")
+
+
+def is_reparameterized(site: dict) -> bool:
+    """Whether a draw at the site is a differentiable function of its parameters (``has_rsample``)."""
+    return bool(getattr(site["fn"], "has_rsample", False))
+
+
+class DiscreteSites(NamedTuple):
+    """The discrete latent sites of a (model, guide) pair, from one trace of each (see :func:`discrete_sites`)."""
+
+    summed: tuple[str, ...]  # model sites the guide does not sample, marked for enumeration: summed out exactly
+    enumerated: tuple[str, ...]  # guide sites marked for enumeration: summed over in TraceEnum_ELBO's expectation
+    sampled: tuple[str, ...]  # guide sites drawn, discrete and not marked: score-function gradient, log q in the weight
+    missing: tuple[str, ...]  # model latents neither sampled by the guide nor marked for enumeration
+    sequential: tuple[str, ...]  # sites marked "sequential" (not supported: only parallel enumeration)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.summed or self.enumerated or self.sampled)
+
+
+def discrete_sites(model_trace, guide_trace) -> DiscreteSites:
+    """Classify the latent sites of the model trace (replayed on the guide trace) and the guide trace."""
+    model = {n: s for n, s in sample_sites(model_trace) if not s["is_observed"]}
+    guide = dict(sample_sites(guide_trace))
+    summed = tuple(n for n, s in model.items() if n not in guide and enumeration(s) == "parallel" and is_discrete(s))
+    missing = tuple(n for n in model if n not in guide and n not in summed)
+    enumerated = tuple(n for n, s in guide.items() if enumeration(s) == "parallel")
+    sampled = tuple(n for n, s in guide.items()
+                    if n not in enumerated and is_discrete(s) and not is_reparameterized(s))
+    sequential = tuple(dict.fromkeys(n for n, s in [*model.items(), *guide.items()] if enumeration(s) == "sequential"))
+    return DiscreteSites(summed, enumerated, sampled, missing, sequential)
+
+
+def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args,
+                    enumerate_model: bool = False, **kwargs):
     """(guide trace, model trace): the guide run under ``pyro.plate("particles", K, dim=-2)``, K =
     ``num_particles`` draws per data point, and the model replayed on its draws. Sites of the model
     that the guide did not sample (the observed site, or a latent the guide left out) are drawn or
-    scored by the model as usual."""
+    scored by the model as usual.
+
+    ``enumerate_model``: the model's sites that the guide did not sample and that are marked
+    ``infer={"enumerate": "parallel"}`` take all their values at once, each in a dim of its own left
+    of the particle plate (−3, −4, …: ``poutine.enum``), so that a site's log-density has shape
+    (C…, K, N) up to broadcasting and summing it out is a ``logsumexp`` over those dims. The guide is
+    never enumerated here: a discrete site the guide samples (enumerated in training or not) is
+    drawn from q, and its log q enters the weight."""
     with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
         guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
+        replayed = poutine.replay(model, trace=guide_trace)
+        if enumerate_model:  # outside the replay, so that the guide's values are never enumerated
+            replayed = poutine.enum(replayed, first_available_dim=ENUM_DIM)
+        model_trace = poutine.trace(replayed).get_trace(x, *args, **kwargs)
     return guide_trace, model_trace
 
 
@@ -125,12 +188,13 @@ class at(Messenger):
 
 class means(Messenger):
     """Take the mean of each latent site's distribution instead of a draw (a draw where the
-    distribution has no closed-form mean, e.g. a flow)."""
+    distribution has no closed-form mean, e.g. a flow; the mode at a discrete site, whose mean is
+    not one of its values)."""
 
     def _pyro_sample(self, msg) -> None:
         if msg["value"] is None and not site_is_subsample(msg):
             try:
-                msg["value"] = msg["fn"].mean
+                msg["value"] = msg["fn"].mode if is_discrete(msg) else msg["fn"].mean
             except NotImplementedError:
                 pass
 
@@ -150,5 +214,6 @@ def observed_mean(model: Callable, x: torch.Tensor, latents: dict[str, torch.Ten
     return observed[0]["fn"].mean.expand(x.shape)
 
 
-__all__ = ["PARTICLE_DIM", "at", "check_data_plate", "fused_log_prob", "guide_means", "latent_values", "means",
+__all__ = ["ENUM_DIM", "PARTICLE_DIM", "DiscreteSites", "at", "check_data_plate", "discrete_sites", "enumeration",
+           "is_discrete", "is_reparameterized", "fused_log_prob", "guide_means", "latent_values", "means",
            "observed_mean", "particle_traces", "replay_traces", "sample_sites", "unscaled_log_prob"]

@@ -200,8 +200,12 @@ def fit(
         contract.check(module.model, module.guide, sample, "the training data")
         optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
     loss_fn = objective_loss(config.objective, module.model, module.guide, config.num_particles, config.beta)
+    discrete = loss_fn.discrete(first_batch(batches))  # refuses an objective that cannot train the discrete sites; logs the estimator
     captured = None
-    if config.capture and config.objective in CAPTURED_OBJECTIVES:
+    if config.capture and discrete.any:
+        log.warning("capture: not for a model with discrete latent sites (%s); training eagerly",
+                    ", ".join(discrete.summed + discrete.enumerated + discrete.sampled))
+    elif config.capture and config.objective in CAPTURED_OBJECTIVES:
         trained = {str(i): p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         mode = None if config.capture in (True, "auto") else config.capture
         captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta, mode, config.objective)
