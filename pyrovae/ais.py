@@ -246,7 +246,25 @@ def _result(log_w: torch.Tensor, accept, step_size, settings: dict, bound: str) 
 
 @dataclass
 class AISSettings:
-    """How AIS runs: the schedule, HMC and its adaptation after Wu et al. (2017)."""
+    """How AIS runs: the schedule, HMC and its adaptation after Wu et al. (2017).
+
+    Attributes:
+        num_steps: T, intermediate distributions; T − 1 HMC transitions per chain (T = 1 is plain
+            importance sampling from f_0).
+        num_chains: M, estimating chains per point.
+        num_leapfrog: L, leapfrog steps per HMC transition.
+        step_size: the initial HMC step size, in unconstrained units.
+        adapt: adapt the step size per point toward ``target_accept`` (×1.02 or ÷1.02 after each
+            transition), from the tuning chains only.
+        tune_chains: extra chains per point whose acceptance drives the adaptation; their weights are
+            discarded.
+        target_accept: the acceptance rate the adaptation aims at.
+        schedule: β_0 … β_T: ``"sigmoid"`` (Wu et al. 2017), ``"linear"``, or T + 1 values from 0 to 1.
+        start: f_0, ``"guide"`` (q(z | x)) or ``"prior"`` (p(z)).
+        batch_size: points per pass (default: as many as fit ``PASS_SIZE`` chains).
+        capture: replay the log-density as a traced graph (:func:`pyrovae.annealing.captured_density`);
+            ``"auto"`` does so where a pass evaluates it often enough to pay for the tracing.
+    """
 
     num_steps: int = DEFAULT_STEPS  # T intermediate distributions; T − 1 HMC transitions per chain
     num_chains: int = DEFAULT_CHAINS  # M estimating chains per point
@@ -313,6 +331,30 @@ def ais(model: Callable, guide: Callable, x: torch.Tensor, *args, progress: bool
     which keep the model/guide contract. With ``seed``, the pass starting at row r draws from a
     stream seeded by (seed, ``first_row`` + r), so that processes sharing the points in blocks of
     whole passes give the per-point results of one process.
+
+    Per point, M chains from f_0 (the guide, or the prior) along f_β(z) = f_0(z)^(1−β) p(x, z)^β,
+    0 = β_0 < … < β_T = 1, one HMC transition between increments; chain m carries
+    log w_m = Σ_t (β_t − β_{t−1}) [log p(x, z_{t−1}) − log f_0(z_{t−1})], with E[w_m] = p(x), and
+    log p̂(x) = log (1/M) Σ_m w_m ≤ log p(x) in expectation (the module docstring has the details).
+
+    Args:
+        model: a Pyro program ``model(x, *args)`` that keeps the model/guide contract; every
+            latent site continuous (HMC moves them in unconstrained space).
+        guide: its guide ``guide(x, *args)``, the start f_0 when ``start="guide"``.
+        x: the data points, (N, P).
+        progress: show a progress bar.
+        seed: seeds each pass's draws (None: the global random state).
+        first_row: this process's first row in the whole data set (with ``seed``).
+        options: the fields of :class:`AISSettings`: T = ``num_steps`` intermediate distributions,
+            M = ``num_chains`` chains per point, L = ``num_leapfrog`` leapfrog steps per transition,
+            the initial ``step_size`` and its adaptation.
+
+    Returns:
+        :class:`AISResult`: ``log_px`` per point (N,) with its standard error across the M chains,
+        the chains' ESS, acceptance and step size per point, their log-weights (M, N).
+
+    Raises:
+        PyrovaeError: settings out of range (:meth:`AISSettings.check`).
     """
     settings = AISSettings(**options)
     return _run(model, guide, x, args, settings, None, progress, seed, first_row)[0]
@@ -324,6 +366,21 @@ def bdmc(model: Callable, guide: Callable, x: torch.Tensor, *args, progress: boo
     Draws (z, x') ~ p(z) p(x | z) with :func:`simulate`, then per point forward AIS on x' (the lower
     bound, as :func:`ais`) and reverse AIS started at the exact z, from β = 1 to 0, with the forward
     pass's step size at each intermediate distribution (the upper bound). Options as :func:`ais`.
+
+    Reverse AIS has E[w_rev] = 1/p(x), so −log (1/M) Σ_m w_rev,m is a stochastic upper bound:
+    E[lower] ≤ log p(x) ≤ E[upper] at each simulated point, and the gap upper − lower bounds the
+    error of either estimate on data like these (Grosse, Ghahramani & Adams 2015).
+
+    Args:
+        model: a Pyro program ``model(x, *args)`` that keeps the model/guide contract.
+        guide: its guide, the start of the forward chains when ``start="guide"``.
+        x: (N, P): only its shape and device are used; N points are simulated.
+        progress: show a progress bar.
+        options: the fields of :class:`AISSettings`, for both directions.
+
+    Returns:
+        :class:`BDMCResult`: the forward (``lower``) and reverse (``upper``) :class:`AISResult`, the
+        simulated data ``x`` (N, P), and their ``gap`` per point.
     """
     settings = AISSettings(**options)
     settings.check()

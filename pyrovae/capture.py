@@ -59,6 +59,18 @@ and benchmarks/README.md has the numbers):
     project's CPU-only machines.
 ``"eager"``
     No capture: the objective (:class:`pyrovae.objectives.Loss`) and autograd on every step.
+
+Checked capture (``check=True``, what ``capture="auto"`` in :class:`pyrovae.train.TrainConfig`
+asks for): at each new input signature the fresh graph is replayed once and the eager step is run
+on the same draws (torch's generator reset to the same state between the two); the step goes on
+captured only if the loss and every gradient agree within float tolerance (1000 ulp of the
+largest value) and both drew the same amount of noise. Otherwise it runs eagerly from then on,
+after one logged line that says which value differed. A model whose Python reads tensor values is
+caught by ``make_fx`` when it is traced; one whose Python takes other branches at another batch
+shape, by the check at that shape. The checked step's own update uses the eager result, so
+nothing that is optimized depends on the check's outcome. The check compares draws from the same
+stream, so it needs a mode that replays the eager noise: ``"graph"`` (and ``"cuda-graph"``, whose
+replays draw from the CUDA generator's philox stream at the eager offsets).
 """
 
 from __future__ import annotations
@@ -104,10 +116,13 @@ class CapturedStep:
     ``step(optimizer, x)`` is :func:`pyrovae.step.train_step` with the captured graph: the same
     loss, gradients, non-finite check and clipping. Calling it, ``captured(x)``, returns
     ``(loss, grads, norm)`` without touching ``.grad`` or the optimizer.
+
+    ``check``: compare each new capture with the eager step on its first batch and run eagerly,
+    after one logged line, where they differ (see the module docstring).
     """
 
     def __init__(self, model: Callable, guide: Callable, params: dict[str, torch.Tensor], num_particles: int = 1,
-                 beta: float = 1.0, mode: str | None = None, objective: str = "elbo"):
+                 beta: float = 1.0, mode: str | None = None, objective: str = "elbo", check: bool = False):
         if objective not in CAPTURED_OBJECTIVES:
             raise PyrovaeError(f"a captured step computes the objectives {', '.join(CAPTURED_OBJECTIVES)}, not {objective!r}")
         if num_particles < 1:
@@ -121,6 +136,10 @@ class CapturedStep:
             raise PyrovaeError(f"unknown capture mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.mode == "cuda-graph" and not torch.cuda.is_available():
             raise PyrovaeError("capture mode 'cuda-graph' needs CUDA, which is not available here: use mode='graph'")
+        if check and self.mode == "inductor":
+            raise PyrovaeError("a checked capture compares the graph with the eager step on the same draws, which "
+                               "mode 'inductor' does not make (its noise is its own stream): use mode='graph'")
+        self.check = check
         self.num_particles = num_particles
         self.beta = beta
         self.objective = objective
@@ -193,6 +212,10 @@ class CapturedStep:
 
         with graphs.preserved_rng([*tensors, *self._leaves]):  # the check runs the guide: give its draws back
             self._check_reparameterized(template, tensors)
+            if self.check:  # what the objective sets up on its first call is done before the comparison
+                x, *args = [tensors[a.index] if isinstance(a, _Input) else a for a in template]
+                with torch.no_grad(), fast_context():
+                    self._eager_loss(x, *args, beta=beta)
         with fast_context(), torch.enable_grad():
             graph = graphs.trace(traced, *tensors, beta, *self._leaves)
         replay = graphs.replay(graph, self.mode, [*tensors, beta], self._leaves, what="captured step")
@@ -230,16 +253,40 @@ class CapturedStep:
                     except Exception as e:  # data-dependent control flow, an operation make_fx cannot trace, ...
                         message = str(e).strip()
                         self._give_up(f"{type(e).__name__}: {message.splitlines()[0] if message else ''}")
+                    else:
+                        if self.check:
+                            return None, self._checked(replay, tensors, beta, x, args)
                 if replay is not None:
                     with torch.no_grad():
                         check, loss, norm, grads = replay(*tensors, beta)
                     return check, StepResult(loss, list(grads), norm)
+        return None, self._eager(x, args)
+
+    def _eager(self, x: torch.Tensor, args: tuple) -> StepResult:
         self._eager_loss.beta = self.beta
         loss = self._eager_loss(x, *args)
         grads = list(torch.autograd.grad(loss, self._leaves, allow_unused=True))
         present = [g for g in grads if g is not None]
         norm = torch.nn.utils.get_total_norm(present) if present else torch.zeros(())
-        return None, StepResult(loss.detach(), grads, norm)
+        return StepResult(loss.detach(), grads, norm)
+
+    def _checked(self, replay: Callable, tensors: list[torch.Tensor], beta: torch.Tensor, x: torch.Tensor,
+                 args: tuple) -> StepResult:
+        """The eager step's result at ``x``, after comparing it with the new capture's replay on the
+        same draws; where they differ, capture is given up (with the reason logged)."""
+        devices = [*tensors, *self._leaves]
+        with graphs.preserved_rng(devices):
+            with torch.no_grad():
+                _, loss, norm, grads = replay(*tensors, beta)
+            captured = StepResult(loss.clone(), [None if g is None else g.clone() for g in grads], norm.clone())
+            drawn = graphs.rng_states(devices)
+        eager = self._eager(x, args)
+        reason = disagreement(captured, eager, list(self.params))
+        if reason is None and not graphs.same_rng_states(drawn, graphs.rng_states(devices)):
+            reason = "the captured step drew a different amount of noise than the eager step"
+        if reason is not None:
+            self._give_up(f"on a batch of shape {tuple(x.shape)}, {reason}")
+        return eager
 
     def _give_up(self, reason: str) -> None:
         self.failure = reason
@@ -267,6 +314,30 @@ class CapturedStep:
             check = torch.stack([loss.to(torch.float64), norm.to(torch.float64)])
         value, norm_value = check.tolist()
         return update(optimizer, check_loss(value), clip_grad, norms, norm, norm_value)
+
+
+def disagreement(captured: StepResult, eager: StepResult, names: list[str]) -> str | None:
+    """What differs between two step results beyond float tolerance (1000 ulp of the largest value
+    of each tensor), or None where they agree."""
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()) and torch.equal(a[a.isinf()], b[b.isinf()])):
+            return False  # nan, inf and −inf at the same places
+        finite = a.isfinite()
+        if not finite.any():
+            return True
+        scale = b[finite].abs().max()
+        return bool(((a[finite] - b[finite]).abs().max() <= 1000 * torch.finfo(b.dtype).eps * scale).item())
+
+    if not close(captured.loss, eager.loss):
+        return f"the captured loss {captured.loss.item():.9g} differs from the eager loss {eager.loss.item():.9g}"
+    for name, a, b in zip(names, captured.grads, eager.grads):
+        if (a is None) != (b is None):
+            return f"the gradient of parameter {name!r} is {'missing' if a is None else 'present'} in the captured step only"
+        if a is not None and not close(a, b):
+            return f"the gradient of parameter {name!r} differs (largest difference {(a - b).abs().max().item():.3g})"
+    return None
 
 
 class _Input(NamedTuple):

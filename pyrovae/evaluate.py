@@ -44,7 +44,32 @@ def default_batch_size(num_samples: int, device) -> int:
 
 @dataclass
 class Evaluation:
-    """Per-point results for N points (each field (N,)) and the settings that produced them."""
+    """Per-point results for N points (each field (N,)) and the settings that produced them.
+
+    Every value is in nats per data point, with its Monte Carlo standard error per point
+    (:class:`pyrovae.estimators.Estimate`, ``value`` and ``stderr`` both (N,)). :meth:`summary` gives
+    the means over points with their standard errors across points, :meth:`table` the printed table,
+    :meth:`per_point` lists for JSON.
+
+    Attributes:
+        num_samples: K, the importance samples per point behind ``log_px``, ``iwae``, ``ess``, ``khat``.
+        elbo: ELBO(x) = E_q[log p(x, z) − log q(z|x)], from ``particles_elbo`` draws.
+        reconstruction: E_q[log p(x|z)], the observed sites' term of the ELBO, same draws.
+        kl: per latent site, KL(q ‖ p) by Monte Carlo and in closed form where one exists
+            (:class:`pyrovae.estimators.KLEstimate`).
+        iwae: k → the IWAE bound L_k(x) = E[log (1/k) Σ_{i≤k} w_i] from the K draws.
+        log_px: log p̂(x) = logsumexp_k log w_k − log K, importance sampled with the guide as proposal;
+            biased low for finite K.
+        gap: log p̂(x) − ELBO(x) ≈ KL(q(z|x) ‖ p(z|x)).
+        ess: effective sample size (Σ_k w_k)² / Σ_k w_k² of the K weights, in [1, K].
+        khat: PSIS Pareto k̂ of the K weights (:mod:`pyrovae.diagnostics`): above 0.7 the point's
+            ``log_px`` is unreliable; at or below 0.7 it is not thereby shown reliable.
+        note: a remark the table prints last (empty by default).
+        log_w: the log-weights (K, N), kept when ``evaluate(..., keep_log_weights=True)``.
+        data_dim: P, for bits per dimension −log p̂(x) / (P log 2).
+        gaps: the approximation and amortization gaps, when asked for (:mod:`pyrovae.gaps`).
+        surgery: the ELBO surgery of these points, when asked for (:mod:`pyrovae.gaps`).
+    """
 
     num_samples: int  # K, importance samples per point
     elbo: Estimate
@@ -266,6 +291,31 @@ def evaluate(
     or a :class:`~pyrovae.gaps.GapSettings`), seeded by (seed, ``first_row`` + r) per batch as well.
     ``surgery`` (default: as ``gaps``): ELBO surgery of these points (:func:`pyrovae.gaps.surgery`),
     the aggregate posterior being theirs.
+
+    Args:
+        model: a Pyro program ``model(x)`` that keeps the model/guide contract.
+        guide: a Pyro program ``guide(x)`` that samples every latent site of the model.
+        x: the data points, (N, P), on the device the model is.
+        num_samples: K, importance samples per point for log p(x), the IWAE bounds, ESS and k̂.
+        iwae_ks: the k of the IWAE bounds L_k reported (each at most K; K is always reported).
+        particles_elbo: draws per point for the ELBO, reconstruction and KL.
+        batch_size: points per pass (default :func:`default_batch_size`).
+        chunk_size: draws per pass within a point's K (default: all K at once).
+        compile: True, False or ``"auto"`` (see above).
+        keep_log_weights: keep the (K, N) log-weights in the result (``log_w``).
+        progress: show a progress bar.
+        seed: seeds the draws per batch and chunk (None: the global random state).
+        first_row: this process's first row in the whole data set (with ``seed``).
+        particle_shard: (rank, W) to share each point's chunks among W processes.
+        gaps: also compute the approximation and amortization gaps.
+        surgery: also compute the ELBO surgery.
+
+    Returns:
+        :class:`Evaluation`: per-point values (N,) with their Monte Carlo standard errors.
+
+    Raises:
+        PyrovaeError: a bad argument, a pair that breaks the contract, or data outside the observed
+            site's support.
     """
     if num_samples < 1:
         raise PyrovaeError(f"num_samples must be at least 1, got {num_samples}")

@@ -139,9 +139,35 @@ def log_weights(
 ) -> SiteLogProbs:
     """:func:`site_log_probs` for K = ``num_particles``, computed ``chunk_size`` particles at a time.
 
+    For each point x_n, K draws z_k ~ q(z | x_n) from the guide (under an outer particle plate),
+    the model replayed on them, and each site's unscaled log-density kept apart; their sum is the
+    log-weight every estimator (:mod:`pyrovae.estimators`) is a function of::
+
+        log w_k(x_n) = Σ_obs log p(x_n | ·) + Σ_s log p(z_s,k | ·) − Σ_s log q(z_s,k | x_n, ·),   (K, N)
+
     Memory for the model's activations is bounded by chunk × N whatever K is; the result holds
     K × N numbers per site. Chunks are independent draws, so chunked and unchunked results agree
     in distribution. ``on_chunk(k)`` is called after each chunk of k particles (for progress bars).
+
+    Args:
+        model: a Pyro program ``model(x, *args, **kwargs)`` that keeps the model/guide contract: data
+            points in ``pyro.plate("data", ...)`` at dim −1, the rest of each site an event dimension.
+        guide: a Pyro program with the same signature that samples every latent site of the model
+            (or the model marks a discrete one for enumeration).
+        x: the data points, (N, P).
+        num_particles: K, draws per point.
+        chunk_size: draws per pass (default: all K in one pass).
+        args: passed on to ``model`` and ``guide`` after ``x``, as are ``kwargs``.
+        analytic_kl: also compute KL(q_s ‖ p_s) in closed form per latent site where one exists.
+        compiled: compute the log-densities with ``torch.compile``.
+        on_chunk: called with the number of particles after each chunk.
+
+    Returns:
+        :class:`SiteLogProbs`: per observed site its log-likelihood, per latent site its log prior and
+        log q, each (K, N), and ``log_w`` their sum; the closed-form KL per site where computed.
+
+    Raises:
+        PyrovaeError: ``num_particles`` or ``chunk_size`` below 1, or a pair that breaks the contract.
     """
     if num_particles < 1:
         raise PyrovaeError(f"the number of particles must be at least 1, got {num_particles}")

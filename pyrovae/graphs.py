@@ -53,17 +53,26 @@ log = logging.getLogger(__name__)
 MODES = ("graph", "inductor", "cuda-graph")
 
 
+def rng_states(tensors: Iterable = ()) -> dict:
+    """The states of torch's CPU generator and of the CUDA generators of the devices of ``tensors``."""
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+    return {"cpu": torch.get_rng_state(), **{d: torch.cuda.get_rng_state(d) for d in devices}}
+
+
+def same_rng_states(a: dict, b: dict) -> bool:
+    """Whether two :func:`rng_states` are the same: the same draws were taken since one state."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @contextlib.contextmanager
 def preserved_rng(tensors: Iterable = ()):
     """Restore torch's CPU generator, and the CUDA generators of the devices of ``tensors``, on exit."""
-    devices = {t.device for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
-    cpu_state = torch.get_rng_state()
-    cuda_states = {d: torch.cuda.get_rng_state(d) for d in devices}
+    states = rng_states(tensors)
     try:
         yield
     finally:
-        torch.set_rng_state(cpu_state)
-        for d, state in cuda_states.items():
+        torch.set_rng_state(states.pop("cpu"))
+        for d, state in states.items():
             torch.cuda.set_rng_state(state, d)
 
 
@@ -229,4 +238,5 @@ def cuda_graph(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], live
     return run
 
 
-__all__ = ["MODES", "compiled", "cuda_graph", "fold_constants", "one_fake_mode", "preserved_rng", "replay", "simplify", "trace"]
+__all__ = ["MODES", "compiled", "cuda_graph", "fold_constants", "one_fake_mode", "preserved_rng", "replay", "rng_states",
+           "same_rng_states", "simplify", "trace"]

@@ -34,6 +34,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
+    """How :func:`fit` trains: the settings of ``pyrovae train``, recorded in a run's ``config.json``.
+
+    Attributes:
+        epochs: the last epoch to train (a resumed run trains epochs ``start_epoch + 1 … epochs``).
+        batch_size: data points per step.
+        lr: the learning rate of Adam over every parameter ``SVI`` would train.
+        num_particles: draws of z per data point in each step's estimate (the k of the IWAE objectives).
+        seed: seeds the parameters' initialization, the batches' order, the binarization and the draws.
+        objective: ``"elbo"`` (Pyro's ``Trace_ELBO``), ``"mean-field"`` (closed-form KL where it is
+            the site's term), ``"iwae"`` (the bound L_k, k = ``num_particles``) or ``"iwae-dreg"``
+            (the same bound, doubly reparameterized gradient): :mod:`pyrovae.objectives`.
+        beta: β, the scale of the latent sites' log-densities log p(z) and log q(z|x): for the ELBO,
+            E_q[log p(x|z)] − β KL(q(z|x) ‖ p(z)) (β-VAE); 1 is the plain objective.
+        warmup_epochs: β rises linearly from 0 to ``beta`` over these epochs (KL warm-up; 0: none).
+        clip_grad: clip the gradient's total norm to this value (None: no clipping).
+        skip_nonfinite: steps with a non-finite loss or gradient skipped, over the whole run, before
+            training stops with an error (0: stop at the first).
+        lr_schedule: ``"none"``, ``"cosine"`` (to 0 at the last epoch) or ``"plateau"`` (the rate
+            halved after 5 epochs without a better validation ELBO).
+        early_stopping: stop after this many epochs without a better validation ELBO (None: never).
+        capture: trace the step once per batch shape and replay it (:mod:`pyrovae.capture`, for the
+            objectives of ``CAPTURED_OBJECTIVES``): ``"auto"`` checks each capture against the eager
+            step on its first batch; True takes the device's default mode unchecked; a mode of
+            ``pyrovae.capture.MODES`` (``"graph"``, ``"inductor"``, ``"cuda-graph"``, ``"eager"``);
+            False trains eagerly.
+    """
+
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3  # Adam learning rate
@@ -46,8 +73,9 @@ class TrainConfig:
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before training stops
     lr_schedule: str = "none"  # none, cosine (to 0 at the last epoch) or plateau (halve after 5 epochs without progress)
     early_stopping: int | None = None  # stop after this many epochs without a better validation ELBO
-    capture: bool | str = False  # trace the step once per batch shape and replay it (pyrovae.capture; objectives "elbo"
-    # and "mean-field"): True or "auto" for the device's default mode, or a mode of pyrovae.capture.MODES
+    capture: bool | str = "auto"  # trace the step once per batch shape and replay it (pyrovae.capture; CAPTURED_OBJECTIVES):
+    # "auto" checks each capture against the eager step on its first batch, True takes the device's default mode unchecked,
+    # or a mode of pyrovae.capture.MODES; False: eager
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,7 +209,9 @@ def fit(
     ``PyroParam``s and bare ``pyro.param`` sites, constrained ones through their unconstrained values.
 
     The loss is ``config.objective`` (:func:`pyrovae.objectives.loss`; Pyro's ``Trace_ELBO`` by
-    default) with β = ``config.beta`` × the warm-up scale. Returns one metrics dict per epoch:
+    default) with β = ``config.beta`` × the warm-up scale: for the ELBO, the batch's
+    −Σ_n (1/k) Σ_i [log p(x_n | z_i) + β (log p(z_i) − log q(z_i | x_n))], z_i ~ q(z | x_n),
+    k = ``config.num_particles``. Returns one metrics dict per epoch:
     ``train_elbo`` (−loss per point, averaged over the epoch's steps: the training objective, nats),
     ``test_elbo`` (the plain ELBO per point, when ``test_x`` is given), ``seconds`` and ``skipped``.
     ``on_step_end(progress)`` runs after every step (the CLI checkpoints and stops there);
@@ -194,6 +224,31 @@ def fit(
     processes; see :func:`train_step`) makes the step's loss and gradients the sums over processes;
     ``batches`` then yields each global batch's indices with this process's rows.
     The held-out ELBOs use the same draws of z in every epoch (and every process).
+
+    Args:
+        module: holds the pair, ``module.model(x)`` and ``module.guide(x)``, Pyro programs that keep
+            the model/guide contract (the built-in :class:`pyrovae.models.VAE`, or any object with
+            the two methods).
+        batches: re-iterated every epoch; yields ``(idx, x)``, the batch's row indices (B,) and its
+            data (B, P), e.g. :class:`pyrovae.data.Batches`.
+        config: the settings, :class:`TrainConfig`.
+        test_x: held-out points (N, P) whose ELBO is reported each epoch.
+        optimizer: a ``torch.optim`` optimizer over the parameters (default: Adam at ``config.lr``).
+        start_epoch: the epochs already trained (a resumed run).
+        on_epoch_end: called with each epoch's metrics.
+        progress: show a progress bar.
+        on_step_end: called with the :class:`Progress` after every step.
+        resume_from: the :class:`Progress` of an epoch interrupted mid-way.
+        valid_x: validation points (N, P) whose ELBO decides the best epoch, the plateau schedule
+            and early stopping.
+        scheduler: a learning-rate schedule stepped after each epoch (:func:`make_scheduler`).
+        monitor: the best validation ELBO so far (:class:`Monitor`), kept across a resume.
+        sync: with several processes, sums a tensor over them.
+
+    Returns:
+        One dict per epoch trained: ``epoch``, ``train_elbo``, ``seconds``, ``lr``, and where they
+        apply ``test_elbo``, ``valid_elbo``, ``best``, ``skipped``, ``grad_norm``, the latent sites'
+        ``kl`` and active units, ``stopped_early``. ELBOs in nats per data point.
     """
     if optimizer is None:
         sample = first_batch(batches)
@@ -208,7 +263,10 @@ def fit(
     elif config.capture and config.objective in CAPTURED_OBJECTIVES:
         trained = {str(i): p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         mode = None if config.capture in (True, "auto") else config.capture
-        captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta, mode, config.objective)
+        captured = CapturedStep(module.model, module.guide, trained, config.num_particles, config.beta, mode, config.objective,
+                                check=config.capture == "auto")
+    elif config.capture:
+        log.info("the %s objective is not captured: the training step runs eagerly", config.objective)
     test_loss = elbo_loss(module.model, module.guide, config.num_particles)
     collapse = CollapseWatch()
     history = []

@@ -16,12 +16,14 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
-from pyrovae import factory, params as parameters
+from pyrovae import capture, factory, params as parameters
 from pyrovae.capture import CapturedStep
 from pyrovae.context import fast_context
+from pyrovae.data import Batches
+from pyrovae.errors import PyrovaeError
 from pyrovae.models import vae
 from pyrovae.objectives import loss as objective_loss
-from pyrovae.train import TrainingDiverged, make_optimizer, train_step
+from pyrovae.train import TrainConfig, TrainingDiverged, fit, make_optimizer, train_step
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 STYLES = Path(__file__).parent / "models" / "styles.py"
@@ -282,6 +284,150 @@ def test_score_function_guide_site_falls_back_to_eager(float64, caplog):
         expected = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x)
     torch.testing.assert_close(loss, expected.detach(), **TOL)
     assert_grads_close(grads, torch.autograd.grad(expected, list(params.values())))
+
+
+# the checked capture (capture="auto", the default of fit and `pyrovae train`)
+
+
+def test_a_checked_capture_that_agrees_goes_on_captured_and_draws_as_the_eager_step(float64):
+    x = data()
+    model, params = setup("vae", x)
+    step = CapturedStep(model.model, model.guide, params, check=True)
+    pyro.set_rng_seed(1)
+    loss, grads, _ = step(x)  # traced, replayed, compared; the eager result returned
+    after_check = torch.get_rng_state()
+    pyro.set_rng_seed(1)
+    expected_loss, expected_grads = eager_grads(model, params, x)
+    assert torch.equal(after_check, torch.get_rng_state())  # one step's draws, not two
+    torch.testing.assert_close(loss, expected_loss.detach(), **TOL)
+    assert_grads_close(grads, expected_grads)
+    assert step.failure is None and len(step.captures) == 1
+    assert_matches_eager(step, model, params, x, 1, 1.0, "elbo")  # replayed from now on
+    assert len(step.captures) == 1
+
+
+class Alternating(nn.Module):
+    """A model whose Python takes another branch on every call (a counter), which ``make_fx`` cannot
+    see: the graph bakes in the branch of the call it traced."""
+
+    def __init__(self, p=64, d=2):
+        super().__init__()
+        self.d, self.calls = d, 0
+        self.decoder, self.encoder = nn.Linear(d, p), nn.Linear(p, 2 * d)
+
+    def model(self, x):
+        pyro.module("alt_decoder", self.decoder)
+        self.calls += 1
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.d), 1.0).to_event(1))
+            logits = self.decoder(z) if self.calls % 2 else -self.decoder(z)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("alt_encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
+def test_a_checked_capture_that_differs_runs_eagerly_after_one_line(float64, caplog):
+    x = data()
+    model = Alternating()
+    params = parameters.trainable(model.model, model.guide, x)
+    step = CapturedStep(model.model, model.guide, params, check=True)
+    with caplog.at_level(logging.WARNING, logger="pyrovae.capture"):
+        step(x)
+        eager = CapturedStep(model.model, model.guide, params, mode="eager")
+        eager(x)
+        for calls in (4, 5):  # eager from now on: the branch of the call's own count
+            pyro.set_rng_seed(calls)
+            model.calls = calls
+            loss, _, _ = step(x)
+            pyro.set_rng_seed(calls)
+            model.calls = calls
+            torch.testing.assert_close(loss, eager(x).loss, **TOL)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyrovae.capture"]
+    assert len(lines) == 1 and "runs eagerly" in lines[0] and "differs from the eager loss" in lines[0], lines
+    assert step.eager and not step.captures
+    # unchecked, the same model trains on the traced branch only
+    unchecked = CapturedStep(model.model, model.guide, params)
+    unchecked(x)
+    assert unchecked.failure is None
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("gradient", "the gradient of parameter"),
+    ("loss", "differs from the eager loss"),
+    ("noise", "different amount of noise"),
+])
+def test_the_check_catches_a_broken_graph(float64, monkeypatch, broken, message):
+    """The check is shown to fail: a replay whose one gradient is off by 1e-6 relative, whose loss
+    is, or which draws one number more than the eager step."""
+    real_replay = capture.graphs.replay
+
+    def broken_replay(*a, **k):
+        run = real_replay(*a, **k)
+
+        def replay(*inputs):
+            check, loss, norm, grads = run(*inputs)
+            if broken == "noise":
+                torch.rand(1)
+            if broken == "loss":
+                loss = loss * (1 + 1e-6)
+            if broken == "gradient":
+                grads = list(grads)
+                i = max(range(len(grads)), key=lambda j: grads[j].abs().max())  # one that is not 0
+                grads[i] = grads[i] * (1 + 1e-6)
+            return check, loss, norm, grads
+
+        return replay
+
+    monkeypatch.setattr(capture.graphs, "replay", broken_replay)
+    x = data()
+    model, params = setup("vae", x)
+    step = CapturedStep(model.model, model.guide, params, check=True)
+    pyro.set_rng_seed(1)
+    step(x)
+    assert step.eager and message in step.failure, step.failure
+    unchecked = CapturedStep(model.model, model.guide, params)  # the same broken graph goes unnoticed unchecked
+    unchecked(x)
+    assert unchecked.failure is None
+
+
+def test_each_new_batch_shape_is_checked(float64, monkeypatch):
+    x = data()
+    model, params = setup("vae", x)
+    step = CapturedStep(model.model, model.guide, params, check=True)
+    checked = []
+    real = step._checked
+    monkeypatch.setattr(step, "_checked", lambda replay, tensors, *a: checked.append(tuple(tensors[0].shape)) or real(replay, tensors, *a))
+    for n in (16, 10, 16, 10, 7):
+        step(data(n=n))
+    assert checked == [(16, 64), (10, 64), (7, 64)] and step.failure is None and len(step.captures) == 3
+
+
+def test_checked_capture_refuses_inductor():
+    x = data()
+    model, params = setup("vae", x)
+    with pytest.raises(PyrovaeError, match="inductor"):
+        CapturedStep(model.model, model.guide, params, mode="inductor", check=True)
+
+
+def test_fit_captures_by_default_and_trains_as_the_eager_step(float64, caplog):
+    """TrainConfig's default ``capture="auto"``: checked capture, the same parameters as eager training."""
+    assert TrainConfig().capture == "auto"
+    x = data(n=40)
+    trained = []
+    for setting in ("auto", False):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model = vae(64, latent_dim=4, hidden=(32,))
+        with caplog.at_level(logging.WARNING, logger="pyrovae.capture"):
+            fit(model, Batches(x, 16, seed=0), TrainConfig(epochs=2, batch_size=16, capture=setting), progress=False)
+        trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert not [r for r in caplog.records if r.name == "pyrovae.capture"]
+    for name, value in trained[0].items():
+        torch.testing.assert_close(value, trained[1][name], **TOL, msg=name)
 
 
 class Poisoned(nn.Module):

@@ -125,10 +125,11 @@ def add_parser(sub) -> None:
     g.add_argument("--early-stopping", type=positive(int), metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better validation ELBO")
     g.add_argument("--capture", nargs="?", const="auto", choices=CAPTURE_MODES, metavar="MODE",
-                   help="trace the training step once per batch shape and replay it (objectives elbo, mean-field and iwae; "
-                        "a model whose Python takes other branches from step to step must not use it); MODE: auto (the "
-                        "device's default: graph on CPU, cuda-graph on CUDA), graph, inductor (fastest per step, "
-                        "10-25 s to compile per batch shape), cuda-graph; off (on --resume: stop capturing)")
+                   help="trace the training step once per batch shape and replay it (objectives elbo, mean-field and iwae); "
+                        "MODE: auto (the default: the device's mode, graph on CPU and cuda-graph on CUDA, checked against the "
+                        "eager step on the first batch of each shape, eager where they differ), graph, inductor (fastest per "
+                        "step, 10-25 s to compile per batch shape), cuda-graph (unchecked: a model whose Python takes other "
+                        "branches from step to step must not use them); off: eager")
     g.add_argument("--clip-grad", type=positive(float), help="clip the gradient's total norm to this value")
     g.add_argument("--skip-nonfinite", type=non_negative_int, help="skip up to N steps whose loss or gradient is not finite "
                    "(counted in metrics) before stopping (default: 0)")
@@ -202,7 +203,7 @@ def new_run(args, out: Path) -> tuple[Run, object]:
         model["file"] = {"original": source, "copy": MODEL_FILE, "sha256": factory.sha256(source)}
     train = TrainConfig(given(args, "epochs"), given(args, "batch_size"), given(args, "lr"), given(args, "particles"), seed,
                         given(args, "objective"), given(args, "beta"), given(args, "warmup_epochs"), args.clip_grad,
-                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping, capture_setting(args) or False)
+                        given(args, "skip_nonfinite"), given(args, "lr_schedule"), args.early_stopping, "auto" if args.capture is None else capture_setting(args))
     config = {
         "model": model,
         "data": {"dataset": dataset, "data_dir": absolute(args.data_dir), "download": bool(args.download),
