@@ -156,7 +156,24 @@ class Comparison:
 
 def compare(a: PointEvaluation, b: PointEvaluation) -> Comparison:
     """A against B on the same points: paired differences of log p(x) and of the ELBO, and the
-    points where either log p(x) estimate is unreliable."""
+    points where either log p(x) estimate is unreliable.
+
+    With d_n = a_n − b_n per point, Δ = (1/N) Σ_n d_n and its paired standard error sd(d)/√N
+    (:func:`paired_difference`); the unpaired standard error is given beside it for contrast. A point
+    is flagged when k̂ > 0.7 in A or B (:func:`unreliable_points`); an unflagged point is not
+    thereby shown reliable (AIS is the check, ``pyrovae evaluate --ais``).
+
+    Args:
+        a: model A's evaluation of the N points (:meth:`PointEvaluation.from_evaluation`).
+        b: model B's evaluation of the same N points, in the same order.
+
+    Returns:
+        :class:`Comparison`: the paired differences of log p(x) and of the ELBO (nats), the per-point
+        differences (N,), and the flagged points (N,) bool.
+
+    Raises:
+        PyrovaeError: the two evaluations are not of the same number of points.
+    """
     if a.num_points != b.num_points:
         raise PyrovaeError(f"the two evaluations are of {a.num_points} and {b.num_points} points: not the same points")
     return Comparison(

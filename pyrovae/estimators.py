@@ -56,7 +56,12 @@ def log_px(log_w: torch.Tensor) -> Estimate:
 
     Consistent as K → ∞ and, by Jensen, biased low for finite K. The standard error is the delta
     method's sd(w)/(√K · mean(w)); it understates the error when the weights are heavy-tailed
-    (PSIS k̂ > 0.7, see :mod:`pyrovae.diagnostics`).
+    (PSIS k̂ > 0.7, see :mod:`pyrovae.diagnostics`). A small k̂ does not prove the estimate right:
+    where q misses part of the posterior, the K draws never reach the tail k̂ would need to see, and
+    log p̂(x) is low with k̂ ≤ 0.7; annealed importance sampling (:func:`pyrovae.ais.ais`) is the check.
+
+    Returns:
+        :class:`Estimate`: log p̂(x_n) and its standard error, each (N,), in nats.
     """
     _check(log_w)
     K = log_w.shape[0]

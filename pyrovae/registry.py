@@ -18,7 +18,14 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to constructors.
+    """Maps names to constructors: the registries ``PRIORS`` and ``LIKELIHOODS``
+    (:mod:`pyrovae.models`), ``GUIDES`` (:mod:`pyrovae.guides`) and ``MODELS`` (whole models, for
+    ``--model NAME``) are instances.
+
+    ``kind`` names what is registered, in messages (``"prior"``); ``context`` names the keyword
+    arguments the builder supplies (``latent_dim``, ``data_dim``, ...), which are not options a user
+    sets. Registering a name twice, or asking for an unknown one, raises
+    :class:`~pyrovae.errors.PyrovaeError` (the latter listing the known names).
 
     >>> PRIORS = Registry("prior", context=("latent_dim",))
     >>> @PRIORS.register("normal")
@@ -33,6 +40,9 @@ class Registry(Generic[T]):
         self._entries: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """A decorator that registers a constructor (a class or a function) as ``name`` and returns it
+        unchanged; a name already registered is refused."""
+
         def add(constructor: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
                 raise PyrovaeError(f"a {self.kind} named {name!r} is already registered")
@@ -42,6 +52,7 @@ class Registry(Generic[T]):
         return add
 
     def __getitem__(self, name: str) -> Callable[..., T]:
+        """The constructor registered as ``name``; an unknown name's error lists the known ones."""
         try:
             return self._entries[name]
         except KeyError:
@@ -88,6 +99,7 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._entries)
 
 

@@ -247,7 +247,33 @@ class Run:
 
     def load_model(self, device: torch.device | str = "cpu", which: str = "last"):
         """(data, trained model, its parameters): rebuilt, its parameters found as SVI finds them, and
-        loaded from the checkpoint."""
+        loaded from the checkpoint.
+
+        The model is rebuilt from the factory and arguments recorded in the run folder, on ``device``;
+        its parameters are found the way ``SVI`` finds them (:func:`pyrovae.params.trainable`, a trace
+        of the param sites on a few points) and loaded from the checkpoint, which
+        ``torch.load(weights_only=True)`` reads (:mod:`pyrovae.checkpoint`)::
+
+            from pyrovae.run import Run
+            run = Run.open("runs/digits")
+            data, model, params = run.load_model()
+            x = run.eval_split(data)[:10]            # (N, P), as evaluation sees the test split
+            model.model(x); model.guide(x)           # the trained pair
+
+        Args:
+            device: where the model is put (``"cpu"``, ``"cuda"``, a ``torch.device``).
+            which: ``"last"`` (the checkpoint training ended at) or ``"best"`` (the epoch with the
+                best validation ELBO).
+
+        Returns:
+            ``(data, model, params)``: the run's data set split as it was in training
+            (:class:`pyrovae.sources.Dataset`; its test split not yet binarized, see :meth:`eval_split`),
+            the model (``model.model`` and ``model.guide``), and the trained parameters, name →
+            unconstrained tensor.
+
+        Raises:
+            PyrovaeError: an unknown ``which``, or a checkpoint that is missing or does not fit the model.
+        """
         data = self.dataset()
         model = self.build_model(data, device)
         example = self.eval_split(data)[:8].to(device)
