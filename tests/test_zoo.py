@@ -25,7 +25,9 @@ from pyrovae import kl as kl_module
 from pyrovae.errors import PyrovaeError
 from pyrovae.estimators import Estimate
 from pyrovae.evaluate import evaluate
+from pyrovae.evidence import site_log_probs
 from pyrovae.guides import GUIDES, IAFEncoder
+from pyrovae.kl import ANALYTIC, NO_CLOSED_FORM
 from pyrovae.models import (
     LIKELIHOODS,
     MODELS,
@@ -120,7 +122,7 @@ def evaluation_problems(result) -> list[str]:
     K = result.num_samples
     chain = [("ELBO", result.elbo), *((f"L_{k}", result.iwae[k]) for k in sorted(result.iwae) if k < K),
              ("log p̂(x)", Estimate(result.log_px.value, result.log_px.stderr))]
-    for (low_name, low), (high_name, high) in zip(chain, chain[1:]):
+    for (low_name, low), (high_name, high) in itertools.pairwise(chain):
         z = (low.value - high.value) / (low.stderr**2 + high.stderr**2).sqrt()
         if not z.max() < 4:
             problems.append(f"{low_name} above {high_name} by {z.max():.1f} s.e.")
@@ -142,7 +144,13 @@ def test_every_combination_trains_under_svi_and_evaluates(prior, likelihood, gui
     result = evaluate_well(module, x)
     closed_form = prior == "normal" and guide in ("diagonal", "full-covariance")
     assert result.kl["z"].method == ("analytic" if closed_form else "monte-carlo")
+    assert kl_methods(module, x) == {"z": ANALYTIC if closed_form else NO_CLOSED_FORM}
     assert evaluation_problems(result) == []
+
+
+def kl_methods(module, x) -> dict[str, str]:
+    """Per latent site, how the engine computes its KL: "analytic", "no closed form" or "not applicable: …" (pyrovae.kl)."""
+    return site_log_probs(module.model, module.guide, x, 2).kl_method
 
 
 def replace_everywhere(monkeypatch, original, replacement) -> None:
@@ -353,8 +361,8 @@ VAMP_DENSITIES = {  # name → log p(z) given (prior, z), and whether it is righ
 def test_vampprior_scores_as_the_mean_of_its_components(float64, guide, density):
     """log p(z) = logsumexp_k log q(z | u_k) − log K, each component scored from the encoder's own
     outputs (diagonal, or full covariance through its Cholesky factor). The pseudo-inputs start as
-    near-identical blank images, where a density of one component would pass as the mixture: they
-    are first spread over [0, 1], and then such broken densities differ from the mixture."""
+    near-identical blank images, where one component's density is within thousandths of a nat of
+    the mixture's: they are first spread over [0, 1], so that such broken densities are far from it."""
     vae_ = vae(P, latent_dim=D, hidden=HIDDEN, prior="vamp", guide=guide)
     prior: VampPrior = vae_.prior
     assert prior.encoder is vae_.encoder
@@ -389,30 +397,61 @@ def test_the_diagonal_mixture_has_the_density_and_gradients_of_mixture_same_fami
     assert type(gaussian_mixture(logits, full)) is dist.MixtureSameFamily
 
 
-@pytest.mark.parametrize("kind", ["vamp", "mixture"])
+def mixture_moments(p: dist.MixtureSameFamily) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture's mean m = Σ_k π_k μ_k and covariance Σ_k π_k (Σ_k + μ_k μ_kᵀ) − m mᵀ, from its
+    components' parameters (diagonal Normals, or full-covariance MultivariateNormals)."""
+    weights, components = p.mixture_distribution.probs, p.component_distribution
+    if isinstance(components, dist.MultivariateNormal):
+        loc, cov_k = components.loc, components.covariance_matrix
+    else:
+        loc, cov_k = components.base_dist.loc, torch.diag_embed(components.base_dist.scale**2)
+    mean = (weights[:, None] * loc).sum(0)
+    cov = (weights[:, None, None] * (cov_k + loc[:, :, None] * loc[:, None, :])).sum(0) - mean[:, None] * mean[None, :]
+    return mean, cov
+
+
+def without_correlations(p: dist.MixtureSameFamily) -> dist.MixtureSameFamily:
+    """Broken: the mixture with each full-covariance component replaced by the diagonal Normal of its variances."""
+    components = p.component_distribution
+    scale = components.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt()
+    return dist.MixtureSameFamily(p.mixture_distribution, dist.Normal(components.loc, scale).to_event(1))
+
+
+MIXTURE_SAMPLERS = {"vamp": "diagonal", "vamp-full-covariance": "full-covariance", "mixture": None,
+                    "broken-vamp-full-covariance-sampled-without-correlations": "full-covariance"}
+
+
+@pytest.mark.parametrize("kind", list(MIXTURE_SAMPLERS))
 @torch.no_grad()
 def test_mixture_priors_sample_what_they_score(float64, kind):
-    """Draws have the mixture's mean and covariance, Σ_k π_k (μ_k, diag σ_k² + μ_k μ_kᵀ) − m mᵀ, within 5 standard errors."""
+    """Draws have the mixture's mean and covariance (:func:`mixture_moments`), within 5 standard
+    errors. The VampPrior's pseudo-inputs are spread over [0, 1] and its encoder's output layer
+    moved from its initialization, so that the components differ and, with the full-covariance
+    guide, are clearly correlated: sampling them as diagonal Normals is then caught."""
     pyro.set_rng_seed(0)
-    if kind == "vamp":
-        encoder = GUIDES.build("diagonal", data_dim=P, latent_dim=D, hidden=HIDDEN)
+    guide = MIXTURE_SAMPLERS[kind]
+    if guide is not None:
+        encoder = GUIDES.build(guide, data_dim=P, latent_dim=D, hidden=HIDDEN)
         prior = VampPrior(D, P, encoder, components=7)
+        pseudo_inputs(prior)[1].uniform_(0, 1)
+        last = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.normal_(0, 0.5)
     else:
         prior = MixturePrior(D, components=4)
         prior.logits.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
     p = prior.distribution()
-    weights = p.mixture_distribution.probs
-    loc, var = p.component_distribution.base_dist.loc, p.component_distribution.base_dist.scale**2
-    mean = (weights[:, None] * loc).sum(0)
-    cov = (weights[:, None, None] * (torch.diag_embed(var) + loc[:, :, None] * loc[:, None, :])).sum(0) - mean[:, None] * mean[None, :]
+    mean, cov = mixture_moments(p)
+    if guide == "full-covariance":
+        L = p.component_distribution.scale_tril
+        assert L.tril(-1).abs().max() > 0.3 * L.diagonal(dim1=-2, dim2=-1).min()  # correlated components
     n = 40_000
-    samples = p.sample((n,))
+    samples = (without_correlations(p) if kind.startswith("broken") else p).sample((n,))
     z_mean = (samples.mean(0) - mean) / (cov.diagonal() / n).sqrt()
-    assert z_mean.abs().max() < 5, z_mean
     centred = samples - mean
     fourth = torch.einsum("si,sj,si,sj->ij", centred, centred, centred, centred) / n  # E[(z_i z_j)²], estimated
     z_cov = (centred.T @ centred / n - cov) / ((fourth - cov**2) / n).sqrt()
-    assert z_cov.abs().max() < 5, z_cov
+    right = z_mean.abs().max() < 5 and z_cov.abs().max() < 5
+    assert right == (not kind.startswith("broken")), (z_mean, z_cov)
 
 
 def test_mixture_flow_and_vamp_priors_have_no_closed_form_kl():
@@ -442,7 +481,7 @@ def test_the_guides_accept_extra_leading_dimensions():
     for name in GUIDES.names():
         guide = GUIDES.build(name, data_dim=P, latent_dim=D, hidden=HIDDEN)
         with pyro.plate("particles", 4, dim=-2):
-            trace = poutine.trace(lambda x: pyro.plate("data", N)(guide)(x)).get_trace(x)
+            trace = poutine.trace(lambda x, guide=guide: pyro.plate("data", N)(guide)(x)).get_trace(x)
         site = trace.nodes["z"]
         assert site["value"].shape == (4, N, D), name
         assert site["fn"].log_prob(site["value"]).shape == (4, N), name
@@ -523,7 +562,10 @@ def test_gaussian_likelihoods_are_the_normal_density(float64, name):
 def test_two_layer_has_the_iwae_architecture():
     module = two_layer(784)
     assert isinstance(module, TwoLayerVAE)
-    sizes = lambda net: [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
+
+    def sizes(net):
+        return [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]
+
     assert sizes(module.q_z2) == [200, 200, 200] and sizes(module.q_z1) == [100, 100, 100]
     assert sizes(module.p_z2) == [100, 100, 200] and sizes(module.decoder) == [200, 200, 784]
     x = data_for("bernoulli", n=3, p=784)
@@ -547,14 +589,23 @@ def test_two_layer_trains_and_evaluates():
     assert evaluation_problems(result) == []
 
 
-def test_two_layer_reports_a_closed_form_kl_only_where_it_is_the_sites_term(float64):
+@pytest.mark.parametrize("variant", ["correct", "broken-closed-form-where-the-prior-reads-a-later-latent"])
+def test_two_layer_reports_a_closed_form_kl_only_where_it_is_the_sites_term(float64, monkeypatch, variant):
     """On the coupled two-layer model (see coupled_two_layer) the closed form at z2 would be ~16
-    standard errors off: z2 is Monte Carlo only, z1's closed form agrees with its Monte Carlo
-    estimate, and so do the bounds (test_the_evaluation_checks_catch_broken_estimators shows the
-    same checks reporting z2 when the closed form is used there)."""
-    result = evaluate_well(coupled_two_layer(), data_for("bernoulli"))
-    assert result.kl["z1"].method == "analytic" and result.kl["z2"].method == "monte-carlo"
-    assert evaluation_problems(result) == []
+    standard errors off: z2 is reported "not applicable" (p(z2 | z1) reads z1, which the bottom-up
+    guide draws after z2) and is Monte Carlo only; z1's closed form agrees with its Monte Carlo
+    estimate, and so do the bounds. The broken variant, which takes the closed form wherever one
+    is registered, reports z2 as analytic and the checks find it far from Monte Carlo."""
+    correct = variant == "correct"
+    if not correct:
+        replace_everywhere(monkeypatch, kl_module.drawn_after, lambda *args: [])
+    module, x = coupled_two_layer(), data_for("bernoulli")
+    expected = {"z1": ANALYTIC, "z2": "not applicable: p(z2 | ·) may depend on z1, which the guide draws after z2"}
+    assert (kl_methods(module, x) == expected) == correct
+    result = evaluate_well(module, x)
+    assert result.kl["z1"].method == "analytic" and (result.kl["z2"].method == "monte-carlo") == correct
+    problems = evaluation_problems(result)
+    assert (problems == []) if correct else any("KL at z2" in p for p in problems), problems
 
 
 def normal_log_density(value, loc, scale) -> torch.Tensor:
