@@ -199,24 +199,33 @@ def largest_weight_iwae(iwae_bound):
 
 
 EVALUATION_VARIANTS = {  # name → (model, the function replaced and its replacement given it, the problem it must show)
-    "closed-form-kl-reversed": ("coupled-two-layer", (kl_module.closed_form, lambda f: lambda q, p: f(p, q)), "KL at z1"),
-    "closed-form-kl-where-the-prior-reads-a-later-latent": ("coupled-two-layer", (kl_module.drawn_after, lambda f: lambda *a: []), "KL at z2"),
-    "log-px-as-the-harmonic-mean": ("vae", (estimators.log_px, harmonic_mean_log_px), "above log p̂(x)"),
-    "iwae-bound-from-the-largest-weight": ("vae", (estimators.iwae_bound, largest_weight_iwae), "above log p̂(x)"),
+    "broken-closed-form-kl-reversed": ("coupled-two-layer", (kl_module.closed_form, lambda f: lambda q, p: f(p, q)), "KL at z1"),
+    "broken-closed-form-kl-reversed-on-a-vae": ("vae-full-covariance", (kl_module.closed_form, lambda f: lambda q, p: f(p, q)), "KL at z"),
+    "broken-closed-form-kl-where-the-prior-reads-a-later-latent": ("coupled-two-layer", (kl_module.drawn_after, lambda f: lambda *a: []), "KL at z2"),
+    "broken-log-px-as-the-harmonic-mean": ("vae", (estimators.log_px, harmonic_mean_log_px), "above log p̂(x)"),
+    "broken-iwae-bound-from-the-largest-weight": ("vae", (estimators.iwae_bound, largest_weight_iwae), "above log p̂(x)"),
 }
 
 
-@pytest.mark.parametrize("variant", ["correct-vae", "correct-coupled-two-layer", *EVALUATION_VARIANTS])
+def module_and_data(kind: str):
+    """The models the evaluation checks are tried on: the coupled two-layer model as built, or a VAE
+    after three SVI steps (Bernoulli with the diagonal guide, or Gaussian with the full-covariance one)."""
+    if kind == "coupled-two-layer":
+        return coupled_two_layer(), data_for("bernoulli")
+    likelihood, guide = ("gaussian", "full-covariance") if kind == "vae-full-covariance" else ("bernoulli", "diagonal")
+    module, x = vae(P, latent_dim=D, hidden=HIDDEN, likelihood=likelihood, guide=guide), data_for(likelihood)
+    svi_steps(module, x)
+    return module, x
+
+
+@pytest.mark.parametrize("variant", ["correct-vae", "correct-vae-full-covariance", "correct-coupled-two-layer", *EVALUATION_VARIANTS])
 def test_the_evaluation_checks_catch_broken_estimators(monkeypatch, variant):
     """The checks of the evaluations above pass on the correct estimators and report each broken one."""
     kind, replacement, expected = EVALUATION_VARIANTS.get(variant, (variant.removeprefix("correct-"), None, None))
     if replacement is not None:
         original, broken = replacement
         replace_everywhere(monkeypatch, original, broken(original))
-    module = coupled_two_layer() if kind == "coupled-two-layer" else vae(P, latent_dim=D, hidden=HIDDEN)
-    x = data_for("bernoulli")
-    if kind == "vae":
-        svi_steps(module, x)
+    module, x = module_and_data(kind)
     problems = evaluation_problems(evaluate_well(module, x))
     if expected is None:
         assert problems == []
