@@ -14,6 +14,14 @@ estimate is part of d_n and so is counted in sd(d).
 Where the importance weights of a point have Pareto k̂ > 0.7 in either model, its log p(x)
 estimate — and so the difference at that point — is not reliable (see :mod:`pyrovae.diagnostics`).
 
+With the inference gaps of both runs (:mod:`pyrovae.gaps`), the approximation gap
+log p(x) − ELBO[q*] and the amortization gap ELBO[q*] − ELBO[q] are compared the same way, point
+by point, and :func:`reading` says in one sentence whether the better run's log p(x) comes with a
+smaller gap, and which. Per point ELBO[q] = log p(x) − approximation − amortization (the gaps' own
+estimates), so the difference of the ELBOs is exactly the difference of log p(x) minus the
+differences of the two gaps: a run's lead in the ELBO is split into the model's part and each
+gap's part.
+
 A run's evaluation is cached in RUN/evaluations/ as JSON, keyed by the split, K, the ELBO's
 particles, the number of points, the seed and the SHA-256 of the checkpoint, so that comparing a
 new run with old ones evaluates only the new one, and more training invalidates the cache.
@@ -25,9 +33,10 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +50,10 @@ from .run import write_text_atomic
 
 CACHE_FOLDER = "evaluations"
 CACHE_FORMAT = 1
+GAP_NAMES = ("approximation", "amortization")
+"""The two gaps compared, each a per-point estimate in nats (smaller is better)."""
+SIGNIFICANT = 2.0
+"""A difference counts in :func:`reading` when it is more than this many paired standard errors from 0."""
 
 
 class PairedDifference(NamedTuple):
@@ -53,12 +66,12 @@ class PairedDifference(NamedTuple):
     share_a_better: float
 
 
-def paired_difference(a: Estimate, b: Estimate) -> PairedDifference:
+def paired_difference(a: Estimate, b: Estimate, smaller_is_better: bool = False) -> PairedDifference:
     """Δ = mean_n (a_n − b_n) for a, b of the same N points, each (N,):
 
     paired s.e.   = sd_n(a_n − b_n) / √N
     unpaired s.e. = √(sd(a)²/N + sd(b)²/N)  (as if A and B had been evaluated on independent points)
-    share         = (1/N) Σ_n [a_n > b_n] + ½ [a_n = b_n]
+    share         = (1/N) Σ_n [a_n > b_n] + ½ [a_n = b_n]   ([a_n < b_n] with ``smaller_is_better``, for a gap)
 
     sd with the N − 1 divisor; both standard errors are nan for N = 1.
     """
@@ -70,7 +83,8 @@ def paired_difference(a: Estimate, b: Estimate) -> PairedDifference:
         raise PyrovaeError("a paired difference needs at least one point")
     d = (a.value - b.value).double()
     sd = d.std().item() if n > 1 else math.nan
-    share = ((d > 0).double().sum() + 0.5 * (d == 0).double().sum()).item() / n
+    better = d < 0 if smaller_is_better else d > 0
+    share = (better.double().sum() + 0.5 * (d == 0).double().sum()).item() / n
     return PairedDifference(d.mean().item(), sd / math.sqrt(n), unpaired_se(a, b), share)
 
 
@@ -94,37 +108,49 @@ def khat_computed(khat_a: torch.Tensor, khat_b: torch.Tensor) -> torch.Tensor:
 @dataclass
 class PointEvaluation:
     """What a comparison needs from an evaluation of N points: log p(x) and the ELBO per point with
-    their Monte Carlo standard errors, and k̂ per point (nan where not computed)."""
+    their Monte Carlo standard errors, k̂ per point (nan where not computed), and, where they were
+    computed, the inference gaps per point (``gaps``: {"approximation", "amortization"} →
+    :class:`~pyrovae.estimators.Estimate`)."""
 
     num_samples: int  # K
     particles_elbo: int
     log_px: Estimate
     elbo: Estimate
     khat: torch.Tensor
+    gaps: dict[str, Estimate] | None = field(default=None)
 
     @classmethod
     def from_evaluation(cls, evaluation, particles_elbo: int) -> "PointEvaluation":
-        """From :class:`pyrovae.evaluate.Evaluation`."""
+        """From :class:`pyrovae.evaluate.Evaluation` (its gaps too, when it has them)."""
+        g = evaluation.gaps
+        gaps = None if g is None else {"approximation": g.approximation, "amortization": g.amortization}
         return cls(evaluation.num_samples, particles_elbo, evaluation.log_px, evaluation.elbo,
-                   evaluation.khat.double().cpu())
+                   evaluation.khat.double().cpu(), gaps)
 
     @property
     def num_points(self) -> int:
         return self.log_px.value.numel()
 
     def to_dict(self) -> dict:
-        return {"num_samples": self.num_samples, "particles_elbo": self.particles_elbo,
-                "log_px": self.log_px.value.tolist(), "log_px_stderr": self.log_px.stderr.tolist(),
-                "elbo": self.elbo.value.tolist(), "elbo_stderr": self.elbo.stderr.tolist(),
-                "khat": self.khat.tolist()}
+        d = {"num_samples": self.num_samples, "particles_elbo": self.particles_elbo,
+             "log_px": self.log_px.value.tolist(), "log_px_stderr": self.log_px.stderr.tolist(),
+             "elbo": self.elbo.value.tolist(), "elbo_stderr": self.elbo.stderr.tolist(),
+             "khat": self.khat.tolist()}
+        if self.gaps is not None:
+            d["gaps"] = {name: {"value": e.value.tolist(), "stderr": e.stderr.tolist()} for name, e in self.gaps.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PointEvaluation":
         def t(key):
             return torch.tensor(d[key], dtype=torch.float64)
 
+        gaps = None
+        if d.get("gaps") is not None:
+            gaps = {name: Estimate(torch.tensor(e["value"], dtype=torch.float64), torch.tensor(e["stderr"], dtype=torch.float64))
+                    for name, e in d["gaps"].items()}
         return cls(int(d["num_samples"]), int(d["particles_elbo"]), Estimate(t("log_px"), t("log_px_stderr")),
-                   Estimate(t("elbo"), t("elbo_stderr")), t("khat"))
+                   Estimate(t("elbo"), t("elbo_stderr")), t("khat"), gaps)
 
 
 @dataclass
@@ -137,6 +163,8 @@ class Comparison:
     elbo_differences: torch.Tensor  # (N,)
     unreliable: torch.Tensor  # (N,) bool, k̂ > 0.7 in A or B
     khat_known: torch.Tensor  # (N,) bool, k̂ computed in both
+    gaps: dict[str, PairedDifference] | None = None  # per gap name, A − B ("A better": A's gap smaller)
+    gap_differences: dict[str, torch.Tensor] | None = None  # per gap name, (N,)
 
     @property
     def num_points(self) -> int:
@@ -151,6 +179,7 @@ class Comparison:
             "khat_threshold": KHAT_THRESHOLD,
             "khat_known_points": known,
             "unreliable_points": int(self.unreliable.sum()) if known else None,
+            **({} if self.gaps is None else {"gaps": {name: d._asdict() for name, d in self.gaps.items()}}),
         }
 
 
@@ -176,6 +205,10 @@ def compare(a: PointEvaluation, b: PointEvaluation) -> Comparison:
     """
     if a.num_points != b.num_points:
         raise PyrovaeError(f"the two evaluations are of {a.num_points} and {b.num_points} points: not the same points")
+    gaps = differences = None
+    if a.gaps is not None and b.gaps is not None:
+        gaps = {name: paired_difference(a.gaps[name], b.gaps[name], smaller_is_better=True) for name in GAP_NAMES}
+        differences = {name: a.gaps[name].value - b.gaps[name].value for name in GAP_NAMES}
     return Comparison(
         paired_difference(a.log_px, b.log_px),
         paired_difference(a.elbo, b.elbo),
@@ -183,7 +216,57 @@ def compare(a: PointEvaluation, b: PointEvaluation) -> Comparison:
         a.elbo.value - b.elbo.value,
         unreliable_points(a.khat, b.khat),
         khat_computed(a.khat, b.khat),
+        gaps,
+        differences,
     )
+
+
+def significant(d: PairedDifference, z: float = SIGNIFICANT) -> bool:
+    """|Δ| > z paired s.e. (False where the s.e. is unknown, N = 1)."""
+    return not math.isnan(d.paired_se) and abs(d.mean) > z * d.paired_se
+
+
+def reading(la: str, lb: str, c: Comparison, z: float = SIGNIFICANT) -> str:
+    """One sentence on why A and B differ, from the paired differences of log p(x) and of the gaps:
+    which run's log p(x) is better (by more than ``z`` paired s.e.) and whether its approximation or
+    amortization gap is smaller too, e.g. "B's better log p(x) (by 0.42 ± 0.05 nats per point)
+    comes with a smaller amortization gap (by 0.80 ± 0.06): its encoder comes closer to the best q
+    of its family at each point". A smaller gap of the better run says its bound is tighter, and
+    the model was trained on that tighter bound; neither gap smaller says the model itself fits
+    better. Without a difference in log p(x), it says which run's bound is tighter, if either.
+    """
+    if c.gaps is None:
+        raise PyrovaeError("the comparison has no inference gaps: evaluate both runs with `gaps`")
+    lp = c.log_px
+    winner = None if not significant(lp, z) else la if lp.mean > 0 else lb
+    ref = winner or la
+    other = lb if ref == la else la
+    sign = 1.0 if ref == la else -1.0  # ref − other = sign × (A − B)
+    why = {"amortization": "its encoder comes closer to the best q of its family at each point",
+           "approximation": "its family of q comes closer to the posterior"}
+
+    def amount(name: str) -> str:
+        d = c.gaps[name]
+        return f"{name} gap (by {abs(d.mean):.2f} ± {d.paired_se:.2f})"
+
+    smaller = [n for n in GAP_NAMES if significant(c.gaps[n], z) and sign * c.gaps[n].mean < 0]
+    larger = [n for n in GAP_NAMES if significant(c.gaps[n], z) and sign * c.gaps[n].mean > 0]
+    larger_part = f"; its {' and '.join(amount(n) for n in larger)} {'is' if len(larger) == 1 else 'are'} larger" if larger else ""
+    if winner is None:
+        head = (f"{la} and {lb} do not differ in log p(x) by more than {z:g} paired s.e. "
+                f"({lp.mean:+.2f} ± {lp.paired_se:.2f} nats per point)")
+        if not smaller and not larger:
+            return head + ", nor in either gap."
+        tighter = ref if smaller else other
+        names = smaller if smaller else larger
+        return head + f"; {tighter}'s bound is tighter: a smaller " + " and a smaller ".join(amount(n) for n in names) + "."
+    head = f"{winner}'s better log p(x) (by {abs(lp.mean):.2f} ± {lp.paired_se:.2f} nats per point)"
+    if smaller:
+        return (head + " comes with a smaller " + " and a smaller ".join(amount(n) for n in smaller) + ": "
+                + " and ".join(why[n] for n in smaller) + larger_part + ".")
+    return (head + " does not come from a tighter bound: neither gap is smaller ("
+            + ", ".join(f"{n} {sign * c.gaps[n].mean:+.2f} ± {c.gaps[n].paired_se:.2f}" for n in GAP_NAMES)
+            + f" for {winner}); the model itself fits better.")
 
 
 def heldout_differences(data_a: dict, data_b: dict, split: str = "test") -> list[str]:
@@ -232,19 +315,27 @@ def _describe_binarization(seed: int | None) -> str:
 
 
 def cache_key(split: str, num_samples: int, particles_elbo: int, limit: int | None, seed: int,
-              checkpoint: str | Path) -> dict:
+              checkpoint: str | Path, gaps: dict | None = None) -> dict:
     """The settings an evaluation of a checkpoint file (RUN/checkpoint.pt or RUN/best.pt) is
-    cached under; the file's SHA-256 invalidates it when the model changes."""
+    cached under; the file's SHA-256 invalidates it when the model changes. ``gaps``: the settings
+    of the inference gaps (:class:`pyrovae.gaps.GapSettings` as a dict), when they are computed."""
     checkpoint = Path(checkpoint)
-    return {"split": split, "num_samples": num_samples, "particles_elbo": particles_elbo,
-            "limit": limit, "seed": seed, "checkpoint": checkpoint.stem, "checkpoint_sha256": sha256(checkpoint)}
+    key = {"split": split, "num_samples": num_samples, "particles_elbo": particles_elbo,
+           "limit": limit, "seed": seed, "checkpoint": checkpoint.stem, "checkpoint_sha256": sha256(checkpoint)}
+    if gaps is not None:
+        key["gaps"] = dict(gaps)
+    return key
 
 
 def cache_path(run_path: str | Path, key: dict) -> Path:
-    """RUN/evaluations/SPLIT-kK-eP-nN-seedS-CHECKPOINT-SHA.json (N: the limit, or all; E: the
-    ELBO's particles; CHECKPOINT: checkpoint or best; SHA: the start of the file's SHA-256)."""
+    """RUN/evaluations/SPLIT-kK-eP-nN-seedS[-gG]-CHECKPOINT-SHA.json (N: the limit, or all; E: the
+    ELBO's particles; G: the start of the SHA-256 of the gaps' settings, when computed; CHECKPOINT:
+    checkpoint or best; SHA: the start of the file's SHA-256)."""
     n = "all" if key["limit"] is None else key["limit"]
-    name = (f"{key['split']}-k{key['num_samples']}-e{key['particles_elbo']}-n{n}-seed{key['seed']}-"
+    gaps = ""
+    if key.get("gaps") is not None:
+        gaps = "-g" + hashlib.sha256(json.dumps(key["gaps"], sort_keys=True).encode()).hexdigest()[:8]
+    name = (f"{key['split']}-k{key['num_samples']}-e{key['particles_elbo']}-n{n}-seed{key['seed']}{gaps}-"
             f"{key['checkpoint']}-{key['checkpoint_sha256'][:16]}.json")
     return Path(run_path) / CACHE_FOLDER / name
 

@@ -28,6 +28,7 @@ from . import gaps as gaps_
 from .errors import PyrovaeError
 from .estimators import Estimate, KLEstimate
 from .evidence import log_weights
+from .traces import class_probabilities
 from .seeds import batch_seed
 from .context import fast_context
 
@@ -104,7 +105,7 @@ class Evaluation:
             "reconstruction": self.reconstruction.mean(),
             "kl": {site: {"method": k.method, "value": k.best.mean(), "monte_carlo": k.monte_carlo.mean(),
                           "analytic": None if k.analytic is None else k.analytic.mean(),
-                          "z_score_mean": None if k.z_score is None else _nanmean(k.z_score)}
+                          "z_score_mean": None if k.z_score is None else torch.nanmean(k.z_score).item()}
                    for site, k in self.kl.items()},
             "iwae": {str(k): e.mean() for k, e in self.iwae.items()},
             "log_px": self.log_px.mean(),
@@ -202,10 +203,10 @@ def importance_log_weights(
     process with the same seed and chunk size."""
     chunk_size = num_samples if chunk_size is None else chunk_size
     if chunk_size < 1:
-        raise PyrovaeError(f"the chunk size must be at least 1, got {chunk_size}")
+        raise PyrovaeError(f"`chunk_size` must be at least 1, got {chunk_size}")
     rank, size = shard
     if size > 1 and seed is None:
-        raise PyrovaeError("sharing the chunks of particles among processes needs a seed: unseeded, the processes would draw the same samples")
+        raise PyrovaeError("sharing the chunks of particles among processes needs a `seed`: unseeded, the processes would draw the same samples")
     starts = range(0, num_samples, chunk_size)
     mine = {}
     for c, start in enumerate(starts):
@@ -238,10 +239,6 @@ def cat(parts: list[Evaluation]) -> Evaluation:
         return first
 
     return join(parts)
-
-
-def _nanmean(t: torch.Tensor) -> float:
-    return t[~t.isnan()].mean().item() if (~t.isnan()).any() else math.nan
 
 
 def evaluate(
@@ -318,16 +315,18 @@ def evaluate(
             site's support.
     """
     if num_samples < 1:
-        raise PyrovaeError(f"num_samples must be at least 1, got {num_samples}")
+        raise PyrovaeError(f"`num_samples` must be at least 1, got {num_samples}")
     if particles_elbo < 1:
-        raise PyrovaeError(f"particles_elbo must be at least 1, got {particles_elbo}")
+        raise PyrovaeError(f"`particles_elbo` must be at least 1, got {particles_elbo}")
     gap_settings = gaps_.GapSettings(particles_elbo=particles_elbo) if gaps is True else (gaps or None)
     if gap_settings is not None:
         gap_settings.check()
     surgery = bool(gaps) if surgery is None else surgery
     batch_size = default_batch_size(num_samples, x.device) if batch_size is None else batch_size
     if batch_size < 1:
-        raise PyrovaeError(f"the batch size must be at least 1, got {batch_size}")
+        raise PyrovaeError(f"`batch_size` must be at least 1, got {batch_size}")
+    if chunk_size is not None and chunk_size < 1:
+        raise PyrovaeError(f"`chunk_size` must be at least 1, got {chunk_size}")
     if len(x) == 0:
         raise PyrovaeError("no data points to evaluate")
     contract.check(model, guide, x[:8], "the data to evaluate")
@@ -411,6 +410,24 @@ def evaluate(
         gaps=gap_result,
         surgery=surgery_result,
     )
+
+
+@torch.no_grad()
+def classifier_accuracy(guide: Callable, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> dict[str, tuple[float, float]]:
+    """{site: (accuracy, standard error)} of argmax_c q(c | x) against ``labels`` (N,), at each
+    discrete guide site with class probabilities that depend on x (the M2 classifier's q(y | x); a
+    uniform q, as the conditional VAE's, is no classifier and is left out)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(x), batch_size):
+        for site, probs in class_probabilities(guide, x[start:start + batch_size]).items():
+            parts.setdefault(site, []).append(probs)
+    out = {}
+    for site, chunks in parts.items():
+        probs = torch.cat(chunks)  # (N, C)
+        if len(probs) > 1 and bool((probs == probs[:1]).all()):
+            continue
+        out[site] = estimators.accuracy(probs.argmax(-1).cpu(), labels.cpu())
+    return out
 
 
 def to_inference_data(evaluation: Evaluation):

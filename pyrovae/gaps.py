@@ -264,14 +264,14 @@ class GapSettings:
     chunk_size: int | None = None  # importance samples per pass (default: all at once)
 
     def check(self) -> None:
-        """Raise PyrovaeError naming the first bad field."""
+        """Raise PyrovaeError naming the first bad field in backquotes (`steps`)."""
         for name in ("steps", "num_particles", "particles_elbo", "num_samples", "batch_size"):
             if getattr(self, name) < 1:
-                raise PyrovaeError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise PyrovaeError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise PyrovaeError(f"chunk_size must be at least 1, got {self.chunk_size}")
+            raise PyrovaeError(f"`chunk_size` must be at least 1, got {self.chunk_size}")
         if not self.lr > 0:
-            raise PyrovaeError(f"lr must be positive, got {self.lr}")
+            raise PyrovaeError(f"`lr` must be positive, got {self.lr}")
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "lr": self.lr, "num_particles": self.num_particles,
@@ -639,9 +639,9 @@ def surgery(model: Callable, guide: Callable, x: torch.Tensor, num_particles: in
     latents, p(z_s) has no density here and only I_q is reported.
     """
     if num_particles < 1:
-        raise PyrovaeError(f"num_particles must be at least 1, got {num_particles}")
+        raise PyrovaeError(f"`num_particles` must be at least 1, got {num_particles}")
     if batch_size < 1:
-        raise PyrovaeError(f"batch_size must be at least 1, got {batch_size}")
+        raise PyrovaeError(f"`batch_size` must be at least 1, got {batch_size}")
     N = len(x)
     if N < 2:
         raise PyrovaeError(f"ELBO surgery needs at least 2 points (an aggregate posterior), got {N}")

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from pyrovae import estimators, kl
+from pyrovae.cli.common import in_flags
 from pyrovae.cli.main import main
 from pyrovae.data import Batches, load_dataset, static_binarized
+from pyrovae.errors import PyrovaeError
 from pyrovae.estimators import Estimate
 from pyrovae.evaluate import evaluate, to_inference_data
 from pyrovae.models import VAEConfig, build_vae
@@ -127,16 +129,30 @@ def test_inference_data_export(trained_digits_vae, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_samples": 0}, "num_samples must be at least 1"),
-    ({"particles_elbo": 0}, "particles_elbo must be at least 1"),
-    ({"batch_size": 0}, "batch size must be at least 1"),
-    ({"chunk_size": 0}, "chunk size must be at least 1"),
-    ({"particle_shard": (0, 2)}, "needs a seed"),
+    ({"num_samples": 0}, "`num_samples` must be at least 1"),
+    ({"particles_elbo": 0}, "`particles_elbo` must be at least 1"),
+    ({"batch_size": 0}, "`batch_size` must be at least 1"),
+    ({"chunk_size": 0}, "`chunk_size` must be at least 1"),
+    ({"particle_shard": (0, 2)}, "needs a `seed`"),
 ], ids=["k=0", "elbo-particles=0", "batch=0", "chunk=0", "sharded-unseeded"])
 def test_evaluate_rejects_bad_arguments(trained_digits_vae, kwargs, message):
     vae, x = trained_digits_vae
     with pytest.raises(ValueError, match=message):
         evaluate(vae.model, vae.guide, x, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    ({"num_samples": 0}, "-k must be at least 1"),
+    ({"particles_elbo": 0}, "--particles-elbo must be at least 1"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+    ({"chunk_size": 0}, "--chunk-size must be at least 1"),
+], ids=["k", "particles-elbo", "batch", "chunk"])
+def test_evaluate_errors_name_parameters_that_the_command_line_maps_to_its_options(trained_digits_vae, kwargs, option):
+    """The engine names its parameter (`particles_elbo`), never an option; the command line's words come from in_flags."""
+    vae, x = trained_digits_vae
+    with pytest.raises(PyrovaeError) as e:
+        evaluate(vae.model, vae.guide, x, **kwargs)
+    assert "--" not in str(e.value) and in_flags(str(e.value)).startswith(option)
 
 
 @pytest.fixture(scope="module")

@@ -313,10 +313,10 @@ def test_hierarchical_full_covariance_guide_is_refused_and_its_diagonal_one_supp
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"steps": 0}, "steps must be at least 1"),
-    ({"lr": 0.0}, "lr must be positive"),
-    ({"num_particles": 0}, "num_particles must be at least 1"),
-    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"steps": 0}, "`steps` must be at least 1"),
+    ({"lr": 0.0}, "`lr` must be positive"),
+    ({"num_particles": 0}, "`num_particles` must be at least 1"),
+    ({"batch_size": 0}, "`batch_size` must be at least 1"),
 ], ids=["steps", "lr", "particles", "batch"])
 def test_bad_settings_name_the_parameter(settings, message):
     model = correlated_ppca()

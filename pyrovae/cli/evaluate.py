@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 
 from pyrovae import ais as ais_, distributed, gaps as gaps_, latents
 from pyrovae.errors import PyrovaeError
-from pyrovae.evaluate import DEFAULT_IWAE_KS, cat, compile_pays, default_batch_size, evaluate, to_inference_data
+from pyrovae.evaluate import DEFAULT_IWAE_KS, cat, classifier_accuracy, compile_pays, default_batch_size, evaluate, to_inference_data
 from pyrovae.plots import save_gaps_plot
 from pyrovae.run import resolve_device
 
@@ -92,16 +93,21 @@ def add_gap_arguments(g) -> None:
     g.add_argument("--gap-batch-size", type=int, default=d.batch_size, metavar="B", help=f"points fitted together (default: {d.batch_size})")
 
 
+GAP_FLAGS = {"steps": "--gap-steps", "lr": "--gap-lr", "num_particles": "--gap-particles",
+             "num_samples": "--gap-samples", "batch_size": "--gap-batch-size"}  # GapSettings' fields → options
+
+
 def gap_settings(args) -> gaps_.GapSettings:
-    """The fit's settings from the options, each checked under its own flag."""
-    for value, flag in ((args.gap_steps, "--gap-steps"), (args.gap_particles, "--gap-particles"),
-                        (args.gap_samples, "--gap-samples"), (args.gap_batch_size, "--gap-batch-size")):
-        at_least(value, 1, flag)
-    if not args.gap_lr > 0:
-        raise PyrovaeError(f"--gap-lr must be positive, got {args.gap_lr}")
-    return gaps_.GapSettings(steps=args.gap_steps, lr=args.gap_lr, num_particles=args.gap_particles,
-                             particles_elbo=args.particles_elbo, num_samples=args.gap_samples,
-                             batch_size=args.gap_batch_size, chunk_size=args.chunk_size)
+    """The fit's settings from the options, checked by the engine; a bad field is named by its
+    option (the fields shared with evaluate keep their backquotes, which the command line maps)."""
+    settings = gaps_.GapSettings(steps=args.gap_steps, lr=args.gap_lr, num_particles=args.gap_particles,
+                                 particles_elbo=args.particles_elbo, num_samples=args.gap_samples,
+                                 batch_size=args.gap_batch_size, chunk_size=getattr(args, "chunk_size", None))
+    try:
+        settings.check()
+    except PyrovaeError as e:
+        raise PyrovaeError(re.sub(r"`(\w+)`", lambda m: GAP_FLAGS.get(m.group(1), m.group(0)), str(e))) from None
+    return settings
 
 
 def run(args) -> int:
@@ -204,6 +210,11 @@ def _run(args, options: dict) -> int:
             for site, s in result.surgery.sites.items()) + f" (≤ log N = {result.surgery.max_mutual_information:.2f})"
     print(f"active units: {int(active.sum())} of {active.numel()} latent dimensions (Cov_x E_q[z_u | x] > {latents.ACTIVITY_THRESHOLD})"
           + information)
+    labels = getattr(run_.dataset(), f"{args.split}_labels")
+    accuracy = {} if labels is None else classifier_accuracy(module.guide, x, labels[: args.limit].to(device))
+    for site, (a, se) in accuracy.items():
+        print(f"classifier q({site} | x): accuracy {100 * a:.2f} % ± {100 * se:.2f}, test error {100 * (1 - a):.2f} % "
+              f"on {len(x)} points")
     if ais_result is not None:
         print(f"\nAIS on the same {len(x)} points, {ais_seconds:.1f} s ({len(x) / ais_seconds:.2f} points/s{processes})")
         print(ais_result.table())
@@ -217,6 +228,8 @@ def _run(args, options: dict) -> int:
     if args.json:
         summary = {"run": str(run_.path), "split": args.split, "seconds": seconds, **result.summary(),
                    "active_units": int(active.sum()), "activity": activity.tolist()}
+        if accuracy:
+            summary["classifier_accuracy"] = {site: {"value": a, "stderr": se} for site, (a, se) in accuracy.items()}
         if gap_result is not None:
             summary["gaps"]["seconds"] = gap_seconds
         if result.surgery is not None:
