@@ -18,6 +18,7 @@ from .likelihoods import (
     GaussianSharedScale,
 )
 from .linear_gaussian import PPCA, HierarchicalLinearGaussian, LinearGaussian
+from .labelled import LabelledVAE, cvae, m2
 from .networks import ConvDecoder, ConvEncoder
 from .priors import PRIORS, FlowPrior, MixturePrior, StandardNormal, VampPrior
 from .two_layer import TwoLayerVAE, two_layer
@@ -48,5 +49,5 @@ __all__ = [
     "PRIORS", "StandardNormal", "MixturePrior", "VampPrior", "FlowPrior",
     "LIKELIHOODS", "Bernoulli", "ContinuousBernoulli", "Gaussian", "GaussianSharedScale", "GaussianPixelScale",
     "DiscretizedLogistic", "DiscretizedLogisticLikelihood", "ConvEncoder", "ConvDecoder",
-    "LinearGaussian", "PPCA", "HierarchicalLinearGaussian",
+    "LinearGaussian", "PPCA", "HierarchicalLinearGaussian", "LabelledVAE", "m2", "cvae",
 ]

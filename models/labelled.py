@@ -70,7 +70,6 @@ class LabelledVAE(nn.Module):
         self.encoder_z = mlp([data_dim + num_classes, *hidden, 2 * latent_dim], activation)
         self.encoder_y = mlp([data_dim, *hidden, num_classes], activation) if classifier else None
         self.register_buffer("_zero", torch.zeros(()))
-        register(self)
 
     def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y.long(), self.num_classes).to(like.dtype)
@@ -83,6 +82,9 @@ class LabelledVAE(nn.Module):
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         N, C, labelled = x.shape[0], self.num_classes, y is not None
+        register(self.decoder)
+        if labelled and self.encoder_y is not None:
+            register(self.encoder_y)
         with pyro.plate("data", N):
             prior = (self._zero.to(x.dtype) - torch.log(torch.tensor(float(C), dtype=x.dtype, device=x.device))).expand(N, C)
             y = pyro.sample("y", dist.Categorical(logits=prior), obs=y)  # before z, as in the guide: KL(q(y|x) ‖ p(y)) in closed form
@@ -95,6 +97,9 @@ class LabelledVAE(nn.Module):
                 pyro.factor("classifier", self.classifier_weight * log_q)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        register(self.encoder_z)
+        if self.encoder_y is not None:
+            register(self.encoder_y)
         with pyro.plate("data", x.shape[0]):
             if y is None:
                 y = pyro.sample("y", dist.Categorical(logits=self.class_logits(x)), infer={"enumerate": "parallel"})

@@ -138,3 +138,12 @@ def kl(terms: SiteLogProbs) -> dict[str, KLEstimate]:
 def reconstruction(terms: SiteLogProbs) -> Estimate:
     """E_q[log p(x_n | z)] summed over observed sites; (N,) ± sd/√K."""
     return _mean_and_stderr(sum(terms.log_likelihood.values()))
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """The share of points whose predicted class is their label, and its binomial standard error
+    √(a (1 − a) / N); predicted and labels (N,). A classifier's test error is 1 − accuracy ± the same."""
+    if predicted.shape != labels.shape or predicted.numel() == 0:
+        raise PyrovaeError(f"predictions {tuple(predicted.shape)} and labels {tuple(labels.shape)} must be the same non-empty shape")
+    a = (predicted == labels).double().mean().item()
+    return a, math.sqrt(a * (1 - a) / labels.numel())

@@ -28,6 +28,15 @@ def sample_prior(model: Callable, like: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sample_per_class(model: Callable, like: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
+    """n draws per class c = 0 … C−1 of a model written ``model(x, y)``, z ~ p(z), decoded with y = c:
+    the mean of p(x | z, y), (C · n, P), class by class."""
+    x = like.new_zeros(n, like.shape[-1])
+    return torch.cat([observed_mean(model, x, None, torch.full((n,), c, dtype=torch.long, device=like.device))
+                      for c in range(num_classes)])
+
+
+@torch.no_grad()
 def reconstruct(model: Callable, guide: Callable, x: torch.Tensor) -> torch.Tensor:
     """E[x | z = mean of q(z | x)] for each row of x: (N, P) → (N, P)."""
     return observed_mean(model, x, guide_means(guide, x))
@@ -39,5 +48,6 @@ def interpolate(model: Callable, guide: Callable, x_a: torch.Tensor, x_b: torch.
     pair = torch.stack([x_a, x_b])
     ends = guide_means(guide, pair)
     t = torch.linspace(0, 1, steps, dtype=pair.dtype, device=pair.device)[:, None]
-    line = {name: (1 - t) * z[0] + t * z[1] for name, z in ends.items()}
+    line = {name: (1 - t) * z[0] + t * z[1] if z.is_floating_point() else z[0].expand(steps, *z.shape[1:])  # a class: x_a's
+            for name, z in ends.items()}
     return observed_mean(model, pair.new_zeros(steps, pair.shape[-1]), line)

@@ -240,6 +240,8 @@ class Loss:
             if scaled:
                 raise PyrovaeError("`beta` other than 1 (and KL warm-up) is not defined for a model with enumerated discrete "
                                    "sites: TraceEnum_ELBO needs one scale for all the sites it sums out; use `beta` 1")
+            if not torch.is_grad_enabled():  # differentiable_loss refuses a value without a graph
+                return torch.as_tensor(-self._enum.loss(self.model, self.guide, x, *args, **kwargs), dtype=x.dtype, device=x.device)
             return -self._enum.differentiable_loss(self.model, self.guide, x, *args, **kwargs)
         inapplicable: set[str] = set()
         total = 0.0

@@ -27,7 +27,8 @@ import torch
 
 from . import contract, distributed, params as parameters
 from .context import fast_context
-from .data import Batches, Dataset, check_binarizable, static_binarized
+from .data import Batches, Dataset, LabelledBatches, check_binarizable, static_binarized
+from .sources import balanced_labelled
 from .errors import Interrupted, PyrovaeError
 from .objectives import elbo_loss
 from .pictures import save_run_pictures
@@ -125,7 +126,12 @@ class TrainingSession:
         check_binarizable(data.train, d["binarize"])
         sample = data.train[:8] if d["binarize"] == "none" else static_binarized(data.train[:8], config.seed)
         contract.check(model.model, model.guide, sample.to(device), "the training data")
-        batches = Batches(data.train, config.batch_size, d["binarize"], seed=config.seed, device=device)
+        if d.get("labelled"):  # semi-supervised: N labels kept, N/C per class (Kingma et al. 2014), the rest unlabelled
+            n = min(d["labelled"], len(data.train))
+            rows = torch.arange(len(data.train)) if n == len(data.train) else balanced_labelled(data.train_labels, n, config.seed)
+            batches = LabelledBatches(data.train, data.train_labels, rows, config.batch_size, d["binarize"], seed=config.seed, device=device)
+        else:
+            batches = Batches(data.train, config.batch_size, d["binarize"], seed=config.seed, device=device)
         self.batches = distributed.ShardedBatches(batches, self.rank, self.size) if self.size > 1 else batches
         self.test_x = self.run.eval_split(data).to(device)
         self.valid_x = None if data.valid is None else self.run.eval_split(data, "valid").to(device)

@@ -205,15 +205,29 @@ def guide_means(guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: site["value"] for name, site in sample_sites(trace)}
 
 
-def observed_mean(model: Callable, x: torch.Tensor, latents: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Run ``model(x)`` with its latent sites set to ``latents`` (or drawn from the prior where absent);
-    return the mean of the observed site, shaped like ``x``."""
+def class_probabilities(guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """q(c | x) at each discrete site of the guide whose distribution has class probabilities
+    (``Categorical``, ``OneHotCategorical``): {name: (N, C)}, the guide called as ``guide(x)``."""
+    trace = poutine.trace(guide).get_trace(x)
+    out = {}
+    for name, site in sample_sites(trace):
+        probs = getattr(site["fn"], "probs", None)
+        if is_discrete(site) and probs is not None and probs.dim() >= 2:
+            out[name] = probs.expand(x.shape[0], probs.shape[-1]) if probs.dim() == 2 else probs.reshape(-1, x.shape[0], probs.shape[-1])[0]
+    return out
+
+
+def observed_mean(model: Callable, x: torch.Tensor, latents: dict[str, torch.Tensor] | None = None, *args) -> torch.Tensor:
+    """Run ``model(x, *args)`` with its latent sites set to ``latents`` (or drawn from the prior where
+    absent); return the mean of the observed site of x (the one whose value is x), shaped like ``x``.
+    ``args``: further arguments, e.g. the class labels y of a conditional model."""
     program = poutine.condition(model, data=latents) if latents else model
-    trace = poutine.trace(program).get_trace(x)
+    trace = poutine.trace(program).get_trace(x, *args)
     observed = [site for _, site in sample_sites(trace) if site["is_observed"] and site["name"] not in (latents or {})]
-    return observed[0]["fn"].mean.expand(x.shape)
+    of_x = [site for site in observed if site["value"] is x] or observed
+    return of_x[0]["fn"].mean.expand(x.shape)
 
 
-__all__ = ["ENUM_DIM", "PARTICLE_DIM", "DiscreteSites", "at", "check_data_plate", "discrete_sites", "enumeration",
+__all__ = ["ENUM_DIM", "PARTICLE_DIM", "DiscreteSites", "at", "check_data_plate", "class_probabilities", "discrete_sites", "enumeration",
            "is_discrete", "is_reparameterized", "fused_log_prob", "guide_means", "latent_values", "means",
            "observed_mean", "particle_traces", "replay_traces", "sample_sites", "unscaled_log_prob"]

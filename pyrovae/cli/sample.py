@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pyrovae.errors import PyrovaeError
+from pyrovae.generate import sample_per_class
 from pyrovae.pictures import save_samples
+from pyrovae.plots import save_grid
 
 from .common import add_run_argument, at_least, open_images
 
@@ -14,12 +17,20 @@ def add_parser(sub) -> None:
     add_run_argument(p)
     p.add_argument("-n", "--num", type=int, default=64, help="number of samples (default: 64)")
     p.add_argument("--out", type=Path, help="PNG file to write (default: RUN/samples.png)")
+    p.add_argument("--per-class", action="store_true", help="a model of labelled data, model(x, y): one row of -n "
+                   "samples for each class (default -n with it: 10)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     at_least(args.num, 1, "-n")
     _, module, device, data, path = open_images(args, "samples", "samples.png")
-    save_samples(module, data.test[:1].to(device), data.image_shape, path, args.num)
+    if args.per_class:
+        if data.num_classes is None:
+            raise PyrovaeError("--per-class needs a data set with labels")
+        n = 10 if args.num == 64 else args.num
+        save_grid(sample_per_class(module.model, data.test[:1].to(device), n, data.num_classes), data.image_shape, path, nrow=n)
+    else:
+        save_samples(module, data.test[:1].to(device), data.image_shape, path, args.num)
     print(f"wrote {path}")
     return 0

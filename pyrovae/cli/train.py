@@ -37,7 +37,8 @@ MODEL_OPTIONS = ("latent_dim", "hidden", "activation", "likelihood", "prior", "g
 COMPONENT_OPTIONS = {"prior_arg": "prior_args", "guide_arg": "guide_args", "likelihood_arg": "likelihood_args"}  # flag → model argument
 CAPTURE_MODES = ("auto", "graph", "inductor", "cuda-graph", "off")
 CHANGEABLE_ON_RESUME = ("epochs", "lr", "device", "clip_grad", "skip_nonfinite", "checkpoint_every", "early_stopping", "capture")
-FIXED_ON_RESUME = ("dataset", "data_dir", "download", "binarize", "model", "model_arg", *MODEL_OPTIONS, *COMPONENT_OPTIONS,
+LABELLED_MODEL = "pyrovae.models:m2"  # the model --labelled trains unless --model names another
+FIXED_ON_RESUME = ("dataset", "data_dir", "download", "binarize", "labelled", "model", "model_arg", *MODEL_OPTIONS, *COMPONENT_OPTIONS,
                    "batch_size", "particles", "seed", "objective", "beta", "warmup_epochs",
                    "validation_fraction", "lr_schedule")
 
@@ -97,6 +98,9 @@ def add_parser(sub) -> None:
     g.add_argument("--validation-fraction", type=fraction, help="share of the training rows held out for validation: "
                    "its ELBO picks best.pt, early stopping and the plateau schedule; the test set decides nothing (default: 0.1)")
     g.add_argument("--binarize", choices=BINARIZATIONS, help="pixel binarization (default: dynamic where the observed site is binary, else none)")
+    g.add_argument("--labelled", type=positive(int), metavar="N", help="semi-supervised: keep the labels of N training points, "
+                   "N/C from each of the C classes, the others unlabelled; the model is called model(x, y) on labelled batches "
+                   f"(default model with it: {LABELLED_MODEL}, the M2 VAE)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"model factory, FILE.py:NAME or package.module:NAME (default: {factory.BUILTIN})")
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="an argument of the factory (repeatable)")
@@ -190,7 +194,7 @@ def new_run(args, out: Path) -> tuple[Run, object]:
     data = load_dataset(dataset, args.data_dir, download=bool(args.download), seed=seed)
     validation = given(args, "validation_fraction")
     data = with_validation(data, validation, seed)
-    ref = given(args, "model")
+    ref = given(args, "model") if args.model is not None or args.labelled is None else LABELLED_MODEL
     if factory.is_file_reference(ref):
         where, name = factory.split_reference(ref)
         ref = f"{absolute(where)}:{name}"
@@ -208,7 +212,7 @@ def new_run(args, out: Path) -> tuple[Run, object]:
         "model": model,
         "data": {"dataset": dataset, "data_dir": absolute(args.data_dir), "download": bool(args.download),
                  "binarize": args.binarize, "seed": seed, "split_seed": seed, "test_fraction": 0.2,
-                 "validation_fraction": validation,
+                 "validation_fraction": validation, "labelled": args.labelled,
                  "heldout_sha256": heldout_sha256(data.test)},
         "train": train.to_dict(),
     }
