@@ -17,7 +17,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,14 +41,15 @@ CONFIG_LABELS = {
     "iaf": "IAF guide (two IAF steps on the diagonal Gaussian)",
     "two-layer": "two stochastic layers (784-(200-200)-100-(100-100)-50)",
 }
-TRAIN_STEP_METHODS = [  # (key in the JSON, column)
+TRAIN_STEP_METHODS = [  # (key in the JSON, column); a key not listed gets a column of its own
     ("torch", "(a) torch, Adam"),
     ("torch_fused_adam", "(a') torch, fused Adam"),
     ("naive_pyro", "(b) naive Pyro SVI"),
-    ("pyrovae", "(c) pyrovae"),
-    ("pyrovae_captured", "(d) pyrovae `--capture`"),
+    ("pyrovae", "(c) pyrovae, eager (`--capture off`)"),
+    ("pyrovae_captured", "(d) pyrovae, captured (the default)"),
     ("pyrovae_captured_inductor", "(d) `--capture inductor`"),
 ]
+BASELINES = ("torch", "torch_fused_adam")  # shown in milliseconds only: the ratios are to (a')
 
 
 # ---------------------------------------------------------------- formatting
@@ -90,7 +91,24 @@ def machine_text(machine) -> str:
 
 def date_text(machine) -> str:
     date = machine.get("date") if isinstance(machine, dict) else None
-    return date[:10] if date else "date not recorded"
+    return str(date)[:10] if date else "date not recorded"
+
+
+def results(pattern: str) -> list[str]:
+    """The results files matching ``pattern``, the plain name first (``train_step.json`` before
+    ``train_step_cuda.json``); the scripts' ``--tiny`` runs (a name with ``tiny``) left out."""
+    names = [p.name for p in RESULTS.glob(pattern) if "tiny" not in p.name]
+    return sorted(names, key=lambda n: (n != pattern.replace("*", ""), n))
+
+
+def method_label(key: str, known: list[tuple[str, str]]) -> str:
+    """A method's column: its label where known, else one made from its key."""
+    labels = dict(known)
+    if key in labels:
+        return labels[key]
+    if key.startswith("pyrovae_captured_"):
+        return f"(d) `--capture {key.removeprefix('pyrovae_captured_')}`"
+    return f"`{key}`"
 
 
 def provenance(entries: list[tuple[str, object, str]]) -> str:
@@ -163,64 +181,90 @@ def load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text(encoding="utf-8"))
 
 
-def train_step_table() -> tuple[str, list[str]]:
-    name = "train_step.json"
+TRAIN_STEP_FLAGS = [("synthetic", "--synthetic", False), ("threads", "--threads", 2), ("rounds", "--rounds", 25),
+                    ("steps", "--steps", 20), ("warmup", "--warmup", 20), ("tiny", "--tiny", False),
+                    ("device", "--device", "cpu"), ("capture_modes", "--capture-modes", [])]
+
+
+def train_step_methods(d: dict) -> list[str]:
+    """The methods a train-step file timed: the known ones in their order, then any other."""
+    found = [k for r in d["results"] for k in r.get("ms_per_step", {})]
+    known = [k for k, _ in TRAIN_STEP_METHODS if k in found]
+    return known + sorted(set(found) - set(known))
+
+
+def train_step_one(name: str) -> str:
     d = load(name)
-    s = d["settings"]
-    options = flags(s, [("synthetic", "--synthetic", False), ("threads", "--threads", 2), ("rounds", "--rounds", 25),
-                        ("steps", "--steps", 20), ("warmup", "--warmup", 20), ("tiny", "--tiny", False),
-                        ("device", "--device", "cpu"), ("capture_modes", "--capture-modes", [])])
-    methods = [(k, label) for k, label in TRAIN_STEP_METHODS if any(k in r["ms_per_step"] for r in d["results"])]
+    s = d.get("settings", {})
+    methods = train_step_methods(d)
     rows = []
     for r in d["results"]:
-        row = [r["net"], str(r["batch_size"])]
-        for key, _ in methods:
-            ms, ratio = r["ms_per_step"].get(key), r["round_ratio_to_fused"].get(key)
+        row = [str(r.get("net", "—")), str(r.get("batch_size", "—"))]
+        for key in methods:
+            ms, ratio = r.get("ms_per_step", {}).get(key), r.get("round_ratio_to_fused", {}).get(key)
             if ms is None:
                 row.append("—")
-            elif key in ("torch", "torch_fused_adam"):
+            elif key in BASELINES or ratio is None:
                 row.append(f"{ms:.2f}")
             else:
                 row.append(f"{ms:.2f} ({ratio:.2f}×)")
         rows.append(row)
-    text = "\n\n".join([
-        header_comment([name]),
-        table(["net", "batch", *[label for _, label in methods]], rows, right=set(range(1, 2 + len(methods)))),
-        f"Median milliseconds per step over {s['rounds']} interleaved rounds of {s['steps']} steps; in brackets the "
-        f"median over rounds of the method's time over (a')'s in the same round. Device: {d.get('device', 'cpu')}.",
-        provenance([(name, d["machine"], command("train_step.py", options))]),
+    device = d.get("device", s.get("device", "cpu"))
+    return "\n\n".join([
+        table(["net", "batch", *[method_label(k, TRAIN_STEP_METHODS) for k in methods]], rows, right=set(range(1, 2 + len(methods)))),
+        (f"Median milliseconds per step over {s.get('rounds', '?')} interleaved rounds of {s.get('steps', '?')} steps; in "
+         f"brackets the median over rounds of the method's time over (a')'s in the same round. Device: {device}."),
+        provenance([(name, d.get("machine", {}), command("train_step.py", flags(s, TRAIN_STEP_FLAGS)))]),
     ])
-    return text, [name]
+
+
+def train_step_table() -> tuple[str, list[str]]:
+    names = results("train_step*.json")
+    return "\n\n".join([header_comment(names), *[train_step_one(n) for n in names]]), names
+
+
+EVALUATE_SPEED_FLAGS = [("K", "-k", 5000), ("repeats", "--repeats", 3), ("block", "--block", 10), ("threads", "--threads", 2),
+                        ("seed", "--seed", 0), ("tiny", "--tiny", False), ("device", "--device", "cpu")]
+
+
+def evaluate_speed_one(name: str) -> str:
+    d = load(name)
+    s = d.get("settings", {})
+    options = ["--points", str(s["points"])] if "points" in s else []
+    options += flags({"device": d.get("device", "cpu"), **s}, EVALUATE_SPEED_FLAGS)
+    own = d.get("methods", {}).get("pyrovae", {}).get("options", {})
+    options += flags(own, [("batch_size", "--batch-size", None), ("chunk_size", "--chunk-size", None)])
+    if own.get("compile") in (True, False) and own.get("compile") != own.get("evaluate_defaults", {}).get("compile"):
+        options.append("--compile" if own["compile"] else "--no-compile")
+    rows = []
+    for m in d.get("methods", {}).values():
+        log_px = (f"{num(m['log_px_mean'])} ± {m['log_px_se_across_points']:.2f}"
+                  if "log_px_mean" in m and "log_px_se_across_points" in m else "—")
+        speed = m.get("speed_vs_pytorch")
+        rows.append([m.get("label", "?"), f"{m['points_per_s']:.1f}" if "points_per_s" in m else "—",
+                     f"{speed:.2f}×" if speed is not None else "—", log_px])
+    text = (f"Importance-sampled log p(x) with K = {s.get('K', '?')} on the first {s.get('points', '?')} points; points "
+            f"per second, median of {s.get('repeats', '?')} interleaved repeats; speed relative to (b) as the median of "
+            "per-block paired ratios.")
+    share = d.get("khat", {}).get("share_khat_above_0.7")
+    if share is not None:
+        text += f" PSIS k̂ > 0.7 at {pct(share)} of these points."
+    parts = [table(["method", "points/s", "× hand-written", "log p(x), mean ± s.e."], rows, right={1, 2, 3}), text]
+    memory = "; ".join(f"K = {m['K']}, chunk {m['chunk_size']}: +{m['growth_mib']:.0f} MiB"
+                       for m in d.get("memory", []) if {"K", "chunk_size", "growth_mib"} <= m.keys())
+    if memory:
+        parts.append(f"Peak resident memory of pyrovae's evaluation above what the process held before the call: {memory}.")
+    parts.append(provenance([(name, d.get("machine", {}), command("evaluate_speed.py", options))]))
+    return "\n\n".join(parts)
 
 
 def evaluate_speed_table() -> tuple[str, list[str]]:
-    name = "evaluate_speed.json"
-    d = load(name)
-    s = d["settings"]
-    options = ["--points", str(s["points"])] + flags(s, [("K", "-k", 5000), ("repeats", "--repeats", 3), ("block", "--block", 10),
-                                                      ("threads", "--threads", 2), ("seed", "--seed", 0), ("tiny", "--tiny", False)])
-    own = d["methods"]["pyrovae"].get("options", {})
-    options += flags(own, [("batch_size", "--batch-size", None), ("chunk_size", "--chunk-size", None)])
-    if own.get("compile") is not None and own.get("compile") != own.get("evaluate_defaults", {}).get("compile"):
-        options.append("--compile" if own["compile"] else "--no-compile")
-    rows = [[m["label"], f"{m['points_per_s']:.1f}", f"{m['speed_vs_pytorch']:.2f}×",
-             f"{num(m['log_px_mean'])} ± {m['log_px_se_across_points']:.2f}"] for m in d["methods"].values()]
-    memory = "; ".join(f"K = {m['K']}, chunk {m['chunk_size']}: +{m['growth_mib']:.0f} MiB" for m in d.get("memory", []))
-    parts = [
-        header_comment([name]),
-        table(["method", "points/s", "× hand-written", "log p(x), mean ± s.e."], rows, right={1, 2, 3}),
-        f"Importance-sampled log p(x) with K = {s['K']} on the first {s['points']} points; points per second, median of "
-        f"{s['repeats']} interleaved repeats; speed relative to (b) as the median of per-block paired ratios. "
-        f"PSIS k̂ > 0.7 at {pct(d['khat']['share_khat_above_0.7'])} of these points.",
-    ]
-    if memory:
-        parts.append(f"Peak resident memory of pyrovae's evaluation above what the process held before the call: {memory}.")
-    parts.append(provenance([(name, d["machine"], command("evaluate_speed.py", options))]))
-    return "\n\n".join(parts), [name]
+    names = results("evaluate_speed*.json")
+    return "\n\n".join([header_comment(names), *[evaluate_speed_one(n) for n in names]]), names
 
 
 def ais_speed_table() -> tuple[str, list[str]]:
-    names = sorted(p.name for p in RESULTS.glob("ais_speed*.json"))
+    names = results("ais_speed*.json")
     rows, entries = [], []
     for name in names:
         d = load(name)
@@ -232,11 +276,15 @@ def ais_speed_table() -> tuple[str, list[str]]:
                             ("no_eager", "--no-eager", False), ("tiny", "--tiny", False)])
         entries.append((name, d["machine"], command("ais_speed.py", options)))
         for r in d["results"]:
-            pps = r["points_per_s"]
-            rows.append([f"{r['num_steps']}, {r['num_chains']} (+{r['tune_chains']}), {r['num_leapfrog']}",
-                         f"{pps['pyrovae']:.2f}", f"{pps['pyrovae_eager']:.2f}" if "pyrovae_eager" in pps else "—",
-                         f"{pps['pytorch']:.2f}", f"{r['ratio_pyrovae_to_pytorch']:.2f}× / {r['ratio_paired_median']:.2f}×",
-                         pm(r["log_px_mean"]["pyrovae"]), f"`{name}`"])
+            pps = r.get("points_per_s", {})
+            rate = lambda key, pps=pps: f"{pps[key]:.2f}" if key in pps else "—"
+            ratios = [r.get("ratio_pyrovae_to_pytorch"), r.get("ratio_paired_median")]
+            tune = f" (+{r['tune_chains']})" if "tune_chains" in r else ""
+            log_px = r.get("log_px_mean", {}).get("pyrovae")
+            rows.append([f"{r.get('num_steps', '?')}, {r.get('num_chains', '?')}{tune}, {r.get('num_leapfrog', '?')}",
+                         rate("pyrovae"), rate("pyrovae_eager"), rate("pytorch"),
+                         " / ".join(f"{x:.2f}×" if x is not None else "—" for x in ratios),
+                         pm(log_px) if log_px else "—", f"`{name}`"])
     text = "\n\n".join([
         header_comment(names),
         table(["T, M (+ tuning), L", "pyrovae, points/s", "pyrovae eager", "hand-written PyTorch", "ratio (medians / paired)",
@@ -296,11 +344,11 @@ def quality_rows(names: list[str]) -> list[dict]:
                 settings = {**d["settings"], "configs": [r["config"]]}
                 rows.append({"file": name, "config": r["config"], "label": CONFIG_LABELS.get(r["config"], r["config"]),
                              "options": quality_flags(settings), "machine": d["machine"], "settings": settings, **r})
-        else:  # one configuration, the plain VAE
+        elif "summary" in d:  # one configuration, the plain VAE
             rows.append({"file": name, "config": "vae", "label": CONFIG_LABELS["vae"], "options": quality_flags(d["settings"]),
                          "machine": d["machine"], "settings": d["settings"], "training": d["training"], "summary": d["summary"],
                          "evaluation_seconds": d.get("evaluation_seconds")})
-    return rows
+    return [r for r in rows if "log_px" in r.get("summary", {})]  # a configuration that was not evaluated has no row
 
 
 def common_options(rows: list[dict]) -> list[str]:
@@ -325,6 +373,9 @@ def common_options(rows: list[dict]) -> list[str]:
 
 def quality_table(names: list[str], run_labels: dict[str, str] | None = None, evaluation: bool = True) -> tuple[str, list[str]]:
     rows = quality_rows(names)
+    if not rows:
+        return (f"{header_comment(names)}\n\nNo evaluated configuration in these results files." if names else
+                "<!-- generated by benchmarks/tables.py: do not edit, rerun the script -->\n\nNo results files."), names
     shared = common_options(rows)
     iwae_ks = ["5", "50"]
     header = ["configuration", "options", "epochs", "ms/step", "test log p(x)", "ELBO", *[f"L_{k}" for k in iwae_ks], "k̂ > 0.7"]
@@ -335,11 +386,14 @@ def quality_table(names: list[str], run_labels: dict[str, str] | None = None, ev
     best = max(r["summary"]["log_px"][0] for r in rows)
     body = []
     for r in rows:
-        t, s = r["training"], r["summary"]
+        t, s = r.get("training", {}), r["summary"]
         log_px = pm(s["log_px"])
-        row = [r["label"], f"`{r['own']}`" if r["own"] else "", str(t["epochs"]), f"{1000 * t['seconds'] / t['steps']:.1f}",
-               f"**{log_px}**" if s["log_px"][0] == best else log_px, num(s["elbo"][0]),
-               *[num(s["iwae"][k][0]) if k in s.get("iwae", {}) else "—" for k in iwae_ks], pct(s["khat"]["share_above_0.7"])]
+        share = s.get("khat", {}).get("share_above_0.7")
+        row = [r["label"], f"`{r['own']}`" if r["own"] else "", str(t.get("epochs", "—")),
+               f"{1000 * t['seconds'] / t['steps']:.1f}" if t.get("seconds") and t.get("steps") else "—",
+               f"**{log_px}**" if s["log_px"][0] == best else log_px, num(s["elbo"][0]) if "elbo" in s else "—",
+               *[num(s["iwae"][k][0]) if k in s.get("iwae", {}) else "—" for k in iwae_ks],
+               pct(share) if share is not None else "—"]
         if run_labels:
             row.insert(0, run_labels[r["file"]])
         if evaluation:
@@ -355,9 +409,9 @@ def quality_table(names: list[str], run_labels: dict[str, str] | None = None, ev
     text = "\n\n".join([
         header_comment(names),
         table(header, body, right=right),
-        f"Test log p(x) by importance sampling with K = {first['num_samples']} on {first['num_points']} test points "
-        "(mean ± standard error across points, nats); ELBO and the IWAE bounds L_k on the same points; "
-        "k̂ > 0.7: the share of points whose importance weights are heavy-tailed. The best log p(x) is in bold.",
+        (f"Test log p(x) by importance sampling with K = {first.get('num_samples', '?')} on {first.get('num_points', '?')} "
+         "test points (mean ± standard error across points, nats); ELBO and the IWAE bounds L_k on the same points; "
+         "k̂ > 0.7: the share of points whose importance weights are heavy-tailed. The best log p(x) is in bold."),
         f"Command: `{command('quality.py', shared)}` with each row's options. Measured on (results file: machine; date):\n\n"
         + "\n".join(f"- `benchmarks/results/{name}`: {machine_text(m)}; {date_text(m)}" for name, m in machines),
     ])
@@ -368,39 +422,57 @@ def quality_table(names: list[str], run_labels: dict[str, str] | None = None, ev
 
 
 def headline() -> str:
-    """A few numbers for the front page, each linking to the page that explains it."""
-    step = load("train_step.json")
-    ratios = lambda key: [r["round_ratio_to_fused"][key] for r in step["results"] if key in r["round_ratio_to_fused"]]  # noqa: E731
-    span = lambda xs: f"{min(xs):.2f}–{max(xs):.2f}×" if len(xs) > 1 else f"{xs[0]:.2f}×"  # noqa: E731
-    speed = load("evaluate_speed.json")
-    compiled = speed["methods"]["pyrovae"].get("options", {}).get("compile") is True
-    quality = quality_rows(sorted(p.name for p in RESULTS.glob("quality_15min*.json")))
-    best = max(quality, key=lambda r: r["summary"]["log_px"][0])
-    rest = lambda r: [o for o in r["options"] if o not in ("--configs", r["config"])]  # noqa: E731
-    hand = [r for r in quality if r["config"] == "handwritten" and rest(r) == rest(best)]
+    """A few numbers for the front page, each linking to the page that explains it: the training
+    step's ratios from ``train_step.json`` (the CPU run), evaluation's from ``evaluate_speed.json``,
+    and the best test log p(x) of the 15-minute quality runs (``quality_15min*.json``)."""
     page = f"{DOCS_URL}/performance.md"
-    rows = [
-        ["training step, eager (`pyrovae train`)", f"{span(ratios('pyrovae'))} the hand-written step",
-         f"[training step]({page}#training-step)"],
-        ["training step, `--capture inductor`", f"{span(ratios('pyrovae_captured_inductor'))} the hand-written step",
-         f"[training step]({page}#training-step)"],
-        [f"evaluation, K = {speed['settings']['K']} per point" + (" (`--compile`)" if compiled else ""),
-         f"{speed['methods']['pyrovae']['speed_vs_pytorch']:.2f}× the hand-written sampler's speed",
-         f"[evaluation]({page}#evaluation-speed)"],
-        [f"MNIST test log p(x) after {best['settings']['minutes']:g} minutes on {best['machine']['torch_threads']} CPU threads, "
-         f"{CONFIG_LABELS.get(best['config'], best['config'])}",
-         f"{pm(best['summary']['log_px'])} nats" + (f" (hand-written VAE: {num(hand[0]['summary']['log_px'][0])})" if hand else ""),
-         f"[quality]({page}#quality-at-equal-budget)"],
-    ]
-    return "\n".join([
-        HEADLINE_START,
-        table(["", "result", "details"], rows),
-        "",
-        f"Step times against hand-written PyTorch with fused Adam (below 1× is faster), {machine_text(step['machine'])}; "
-        f"quality on dynamically binarized MNIST, K = {best['summary']['num_samples']} importance samples on "
-        f"{best['summary']['num_points']} test points (Burda et al. 2016 report −86.76 for a VAE trained 3280 epochs).",
-        HEADLINE_END,
-    ])
+    rows, notes = [], []
+    if (RESULTS / "train_step.json").is_file():
+        step = load("train_step.json")
+        span = lambda xs: f"{min(xs):.2f}–{max(xs):.2f}×" if len(xs) > 1 else f"{xs[0]:.2f}×"
+        link = f"[training step]({page}#training-step)"
+        for key, label in [("pyrovae_captured", "training step, `pyrovae train` (captured, the default)"),
+                           ("pyrovae", "training step, eager (`--capture off`)"),
+                           ("pyrovae_captured_inductor", "training step, `--capture inductor`")]:
+            ratios = [r["round_ratio_to_fused"][key] for r in step["results"] if key in r.get("round_ratio_to_fused", {})]
+            if ratios:
+                rows.append([label, f"{span(ratios)} the hand-written step", link])
+        notes.append(f"Step times against hand-written PyTorch with fused Adam (below 1× is faster), "
+                     f"{machine_text(step['machine'])}, {date_text(step['machine'])}.")
+    if (RESULTS / "evaluate_speed.json").is_file():
+        speed = load("evaluate_speed.json")
+        own = speed["methods"]["pyrovae"]
+        compiled = own.get("options", {}).get("compile") is True
+        rows.append([f"evaluation, K = {speed['settings']['K']} per point" + (" (`--compile`)" if compiled else ""),
+                     f"{own['speed_vs_pytorch']:.2f}× the hand-written sampler's speed", f"[evaluation]({page}#evaluation-speed)"])
+    quality = quality_rows(results("quality_15min*.json"))
+    if quality:
+        best = max(quality, key=lambda r: r["summary"]["log_px"][0])
+        rest = lambda r: [o for o in r["options"] if o not in ("--configs", r["config"])]
+        hand = [r for r in quality if r["config"] == "handwritten" and rest(r) == rest(best)]
+        threads = best["machine"].get("torch_threads")
+        rows.append([(f"MNIST test log p(x) after {best['settings']['minutes']:g} minutes on {threads} CPU "
+                      f"thread{'s' if threads != 1 else ''}, {CONFIG_LABELS.get(best['config'], best['config'])}"),
+                     f"{pm(best['summary']['log_px'])} nats" + (f" (hand-written VAE: {num(hand[0]['summary']['log_px'][0])})" if hand else ""),
+                     f"[quality]({page}#quality-at-equal-budget)"])
+        notes.append(f"Quality on dynamically binarized MNIST, K = {best['summary']['num_samples']} importance samples on "
+                     f"{best['summary']['num_points']} test points, {date_text(best['machine'])} (Burda et al. 2016 report "
+                     "−86.76 for a VAE trained 3280 epochs).")
+    return "\n".join([HEADLINE_START, table(["", "result", "details"], rows), "", " ".join(notes), HEADLINE_END])
+
+
+def present(names: list[str]) -> list[str]:
+    return [n for n in names if (RESULTS / n).is_file()]
+
+
+def quality_other(used: set[str]) -> tuple[str, list[str]]:
+    """Quality results files that no section above reads: one table each, until a section of the
+    page describes them (a new ``quality.py`` run lands here by itself)."""
+    names = [n for n in results("quality*.json") if n not in used and quality_rows([n])]
+    if not names:
+        return ("<!-- generated by benchmarks/tables.py from benchmarks/results/quality*.json: do not edit, rerun the script -->"
+                "\n\nEvery quality results file is in one of the tables above."), []
+    return "\n\n".join([header_comment(names), *[quality_table([n])[0].split("\n\n", 1)[1] for n in names]]), names
 
 
 # ---------------------------------------------------------------- driver
@@ -412,15 +484,16 @@ TABLES: dict[str, Callable[[], tuple[str, list[str]]]] = {
     "ais_mnist.md": ais_mnist_table,
     "quality_15min_elu.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_*.json"))),
     "quality_15min_tanh.md": lambda: quality_table(
-        ["quality_15min_cosine.json", "quality_15min_b.json", "quality_15min.json", "quality.json"],
+        present(["quality_15min_cosine.json", "quality_15min_b.json", "quality_15min.json", "quality.json"]),
         run_labels={"quality_15min_cosine.json": "C", "quality_15min_b.json": "B", "quality_15min.json": "A", "quality.json": "0"}),
     "quality_15min_components.md": lambda: quality_table(
-        ["quality_15min_iwae5.json", "quality_15min_iaf.json", "quality_15min_two_layer.json", "quality_15min_vamp.json"]),
+        present(["quality_15min_iwae5.json", "quality_15min_iaf.json", "quality_15min_two_layer.json", "quality_15min_vamp.json"])),
     "quality_4min.md": lambda: quality_table(
-        ["quality_baseline.json", "quality_configs.json"],
+        present(["quality_baseline.json", "quality_configs.json"]),
         run_labels={"quality_baseline.json": "quiet", "quality_configs.json": "shared"}),
     "quality_screens.md": lambda: quality_table(
-        ["quality_6min_screens.json", "quality_6min_screens_activation.json", "quality_6min_vamp_warmup.json"], evaluation=False),
+        present(["quality_6min_screens.json", "quality_6min_screens_activation.json", "quality_6min_vamp_warmup.json"]),
+        evaluation=False),
 }
 
 
@@ -431,6 +504,9 @@ def render() -> dict[Path, str]:
         text, names = make()
         out[GENERATED / filename] = text.rstrip() + "\n"
         used.update(names)
+    text, names = quality_other(used)
+    out[GENERATED / "quality_other.md"] = text.rstrip() + "\n"
+    used.update(names)
     unused = sorted(p.name for p in RESULTS.glob("*.json") if p.name not in used and "tiny" not in p.name)
     if unused:
         print(f"tables.py: no table reads {', '.join(unused)}: add one to TABLES", file=sys.stderr)
@@ -439,7 +515,7 @@ def render() -> dict[Path, str]:
 
 def with_headline(readme: str) -> str:
     """The README with its headline block replaced by the current one."""
-    pattern = re.compile(re.escape(HEADLINE_START) + ".*?" + re.escape(HEADLINE_END), re.S)
+    pattern = re.compile(re.escape(HEADLINE_START) + ".*?" + re.escape(HEADLINE_END), re.DOTALL)
     if not pattern.search(readme):
         raise SystemExit(f"README.md has no headline block ({HEADLINE_START} ... {HEADLINE_END})")
     return pattern.sub(lambda _: headline(), readme)
