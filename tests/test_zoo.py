@@ -595,6 +595,8 @@ def test_two_layer_trains_and_evaluates():
     assert len(pyro.get_param_store()) == len(before)
     result = evaluate_well(module, x)
     assert set(result.kl) == {"z1", "z2"}
+    methods = kl_methods(module, x)
+    assert methods["z1"] == ANALYTIC and methods["z2"].startswith("not applicable")  # the bottom-up guide draws z1 after z2
     assert evaluation_problems(result) == []
 
 
