@@ -35,13 +35,29 @@ def save_loss_curve(history: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def gap_order(approximation: torch.Tensor, amortization: torch.Tensor) -> torch.Tensor:
+    """The points' order in the gaps picture, (N,) indices: by the total gap approximation +
+    amortization, smallest first (ties in their original order)."""
+    return (approximation + amortization).argsort(stable=True)
+
+
 def save_gaps_plot(gaps, path: str | Path, gap=None, surgery=None, title: str = "") -> None:
-    """The inference gaps of N points (a :class:`pyrovae.gaps.Gaps`), one bar per point sorted by
-    the total gap: the approximation gap log p(x) − ELBO[q*] at the bottom, the amortization gap
-    ELBO[q*] − ELBO[q] stacked on it (drawn downward where its estimate is negative). ``gap``: the
-    evaluation's own estimate of the total (an :class:`~pyrovae.estimators.Estimate`), drawn as
-    dots. ``surgery`` (a :class:`pyrovae.gaps.Surgery`): beside it, per latent site, the KL term
-    split into I_q(x; z) and KL(q(z) ‖ p(z))."""
+    """:func:`gaps_figure` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = gaps_figure(gaps, gap, surgery, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def gaps_figure(gaps, gap=None, surgery=None, title: str = ""):
+    """The inference gaps of N points (a :class:`pyrovae.gaps.Gaps`), one bar per point in
+    :func:`gap_order`: the approximation gap log p(x) − ELBO[q*] from 0, the amortization gap
+    ELBO[q*] − ELBO[q] stacked on it (drawn downward where its estimate is negative), so that a
+    bar's top is the point's total gap. ``gap``: the evaluation's own estimate of the total (an
+    :class:`~pyrovae.estimators.Estimate`), drawn as dots. ``surgery`` (a
+    :class:`pyrovae.gaps.Surgery`): in a second panel, per latent site, the KL term split into
+    I_q(x; z) and KL(q(z) ‖ p(z)). Returns the matplotlib figure (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +68,7 @@ def save_gaps_plot(gaps, path: str | Path, gap=None, surgery=None, title: str = 
                              gridspec_kw={"width_ratios": [3, 1]} if sites else None)
     ax = axes[0, 0]
     approximation, amortization = gaps.approximation.value.double(), gaps.amortization.value.double()
-    order = (approximation + amortization).argsort()
+    order = gap_order(approximation, amortization)
     positions = range(len(order))
     width = 1.0 if len(order) > 60 else 0.8
     a, m = approximation[order].numpy(), amortization[order].numpy()
@@ -79,5 +95,4 @@ def save_gaps_plot(gaps, path: str | Path, gap=None, surgery=None, title: str = 
         ax.set_title("KL term, ELBO surgery", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
