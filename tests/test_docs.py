@@ -118,3 +118,19 @@ def test_the_docs_build_with_warnings_as_errors(tmp_path):
     assert "--checkpoint-every" in cli and "--ais-steps" in cli  # the parsers' own help
     performance = (out / "performance.html").read_text(encoding="utf-8")
     assert "benchmarks/results/train_step.json" in performance
+
+
+def test_docstring_bars_are_escaped_outside_literal_blocks_only():
+    """``|x|`` in prose would be a substitution; in a ``::`` block, or a block shown as written, it is text."""
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        import pyrovae_docs
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    lines = ["The weights |w| are::", "", "    log p(x | z) − log q(z | x)", "", "and |x| again."]
+    pyrovae_docs.guard_docstring(None, "function", "f", None, {}, lines)
+    assert "    log p(x | z) − log q(z | x)" in lines
+    assert "The weights \\|w\\| are::" in lines and "and \\|x\\| again." in lines
+    unparsable = ["* a list item", "  with a bad | indent", " which docutils warns about"]
+    pyrovae_docs.guard_docstring(None, "function", "g", None, {}, unparsable)
+    assert unparsable[0] == "::" and not any("\\|" in line for line in unparsable), unparsable

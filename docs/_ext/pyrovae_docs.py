@@ -116,6 +116,30 @@ def escape_bars(line: str) -> str:
     return "".join(p if i % 2 else re.sub(r"(?<!\\)\|", r"\\|", p) for i, p in enumerate(parts))
 
 
+def escape_bars_outside_literal_blocks(lines: list[str]) -> list[str]:
+    """:func:`escape_bars` on every line except those of literal blocks (the more indented lines
+    after a line ending in ``::``), which docutils shows as they are."""
+    out: list[str] = []
+    opener: int | None = None  # indent of the line ending in "::" whose literal block may follow
+    literal: int | None = None  # indent of the line that opened the literal block we are in
+    for line in lines:
+        if not line.strip():
+            out.append(line)
+            continue
+        indent = len(line) - len(line.lstrip())
+        if opener is not None:
+            literal, opener = (opener if indent > opener else None), None
+        elif literal is not None and indent <= literal:
+            literal = None
+        if literal is not None:
+            out.append(line)
+            continue
+        out.append(escape_bars(line))
+        if line.rstrip().endswith("::"):
+            opener = indent
+    return out
+
+
 def parses_cleanly(block: list[str]) -> bool:
     """Whether docutils parses the block without a message (Sphinx roles stood in by literals)."""
     text = ROLE.sub(lambda m: f"``{m.group(1)}``", "\n".join(block))
@@ -157,14 +181,14 @@ def blocks(lines: list[str]) -> list[list[str]]:
 def guard_docstring(app, what, name, obj, options, lines: list[str]) -> None:
     """autodoc-process-docstring, after napoleon: blocks docutils cannot parse become literal blocks."""
     fixed: list[str] = []
-    for block in blocks([escape_bars(line) for line in lines]):
+    for block in blocks(escape_bars_outside_literal_blocks(lines)):
         if parses_cleanly(block):
             fixed += block + [""]
             continue
         LITERAL_SHOWN.append((name, "\n".join(block)))
         logger.verbose("%s: a block of its docstring is not reStructuredText; shown as written", name)
         indent = indent_of(block)
-        fixed += ["::", ""] + ["    " + line[indent:] if line.strip() else "" for line in block] + [""]
+        fixed += ["::", ""] + ["    " + line[indent:].replace("\\|", "|") if line.strip() else "" for line in block] + [""]
     lines[:] = fixed
 
 
