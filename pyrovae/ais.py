@@ -417,7 +417,10 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
     if len(x) == 0:
         raise PyrovaeError("no data points to estimate log p(x) for")
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # the check's draws leave the chains' alone
-        contract.check(model, guide, x[:8], "the data for AIS")
+        discrete = contract.check(model, guide, x[:8], "the data for AIS")
+    if discrete.any:  # HMC moves continuous latents; a discrete site would need summing out in the path's density
+        raise ContractError(f"AIS and BDMC do not apply to a model with discrete latent sites ({', '.join(discrete.summed + discrete.enumerated + discrete.sampled)}): "
+                            "evaluate's importance sampling estimates its log p(x)")
     betas = s.betas()
     N, M = len(x), s.num_chains
     C = M + (s.tune_chains if s.adapting else 0)

@@ -70,6 +70,11 @@ class SiteLogProbs:
         return SiteLogProbs(*(join(n) for n in ("log_likelihood", "log_prior", "log_q", "kl_analytic")), dict(chunks[0].kl_method))
 
 
+def sum_out(log_p: torch.Tensor) -> torch.Tensor:
+    """log Σ_c exp log_p over every enumeration dim: (C…, K or 1, N or 1) → (K or 1, N or 1)."""
+    return torch.logsumexp(log_p.reshape(-1, *log_p.shape[-2:]), 0)
+
+
 def site_log_probs(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args,
     analytic_kl: bool = True, compiled: bool = False, **kwargs,
@@ -116,8 +121,7 @@ def site_log_probs(
         else:
             terms.kl_analytic[name] = None
     if summed:
-        total = sum(log_p for _, _, log_p in summed)  # (C…, K or 1, N or 1)
-        marginal = torch.logsumexp(total.reshape(-1, *total.shape[-2:]), 0).expand(shape)  # Σ over every enumerated dim
+        marginal = sum_out(sum(log_p for _, _, log_p in summed)).expand(shape)
         observed = [name for name, site, _ in summed if site["is_observed"]]
         drawn = [name for name, _, _ in summed if name in terms.log_q]
         if observed:

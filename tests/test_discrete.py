@@ -1,0 +1,367 @@
+"""Discrete latent sites: summed out where enumerated, weighted where the guide draws them.
+
+Oracles: a VAE whose prior is a K-component Gaussian mixture written with an explicit enumerated
+component index against the same model written with ``MixtureSameFamily`` and against its closed
+form log p(x) (a linear-Gaussian decoder: each component gives a Gaussian marginal); a fully discrete
+model whose log p(x) is a finite sum. Each check is shown to fail on a broken variant.
+"""
+
+import itertools
+import logging
+import math
+from types import SimpleNamespace
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyrovae import ais, contract, estimators, evidence, objectives
+from pyrovae.errors import ContractError, PyrovaeError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C, D, P = 3, 2, 4
+
+
+def mixture_parameters():
+    g = torch.Generator().manual_seed(3)
+    return {"pi": torch.tensor([0.2, 0.5, 0.3]), "mu": 2 * torch.randn(C, D, generator=g),
+            "sd": torch.rand(C, D, generator=g) + 0.5, "W": torch.randn(P, D, generator=g), "b": torch.randn(P, generator=g),
+            "s": torch.tensor(0.7)}
+
+
+def mixture_models(t):
+    """The same model twice: the component c enumerated, and c summed inside ``MixtureSameFamily``;
+    and a guide q(z|x) = N(m(x), 1.5²) with m a fixed linear map (not the posterior)."""
+    def enumerated(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(t["pi"]), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(t["mu"][c], t["sd"][c]).to_event(1))
+            pyro.sample("x", dist.Normal(z @ t["W"].T + t["b"], t["s"]).to_event(1), obs=x)
+
+    def mixture(x):
+        with pyro.plate("data", x.shape[0]):
+            prior = dist.MixtureSameFamily(dist.Categorical(t["pi"]), dist.Normal(t["mu"], t["sd"]).to_event(1))
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Normal(z @ t["W"].T + t["b"], t["s"]).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc_map", 0.3 * torch.ones(P, D))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal((x - t["b"]) @ loc, 1.5).to_event(1))
+
+    return enumerated, mixture, guide
+
+
+def exact_mixture_log_px(t, x):
+    """log Σ_c π_c N(x; W μ_c + b, W diag(σ_c²) W^T + s² I): (N,)."""
+    cov = torch.stack([t["W"] @ torch.diag(t["sd"][c] ** 2) @ t["W"].T + t["s"] ** 2 * torch.eye(P) for c in range(C)])
+    per_component = dist.MultivariateNormal(t["mu"] @ t["W"].T + t["b"], cov).log_prob(x[:, None])  # (N, C)
+    return torch.logsumexp(torch.log(t["pi"]) + per_component, -1)
+
+
+def mixture_data(t, n=6):
+    g = torch.Generator().manual_seed(5)
+    c = torch.multinomial(t["pi"], n, replacement=True, generator=g)
+    z = t["mu"][c] + t["sd"][c] * torch.randn(n, D, generator=g)
+    return z @ t["W"].T + t["b"] + t["s"] * torch.randn(n, P, generator=g)
+
+
+BROKEN_SUM = {  # name → a replacement for evidence.sum_out, or None for the engine as it is
+    "correct": None,
+    "broken-max-over-c": lambda log_p: log_p.reshape(-1, *log_p.shape[-2:]).max(0).values,
+    "broken-mean-over-c": lambda log_p: torch.logsumexp(log_p.reshape(-1, *log_p.shape[-2:]), 0) - math.log(log_p.shape[:-2].numel()),
+    "broken-first-value-only": lambda log_p: log_p.reshape(-1, *log_p.shape[-2:])[0],
+}
+
+
+def mixture_problems(K=20000):
+    """The enumerated mixture's log-weights against MixtureSameFamily's on the same draws, and its
+    importance-sampled log p(x) against the closed form, within 4 standard errors per point."""
+    t = mixture_parameters()
+    enumerated, mixture, guide = mixture_models(t)
+    x = mixture_data(t)
+    problems = []
+    pyro.set_rng_seed(1)
+    a = evidence.log_weights(enumerated, guide, x, K)
+    pyro.set_rng_seed(1)
+    m = evidence.log_weights(mixture, guide, x, K)
+    if not torch.allclose(a.log_w, m.log_w, rtol=0, atol=1e-10):
+        problems.append(f"log-weights differ from MixtureSameFamily's by up to {(a.log_w - m.log_w).abs().max():.3g}")
+    estimate = estimators.log_px(a.log_w)
+    z = (estimate.value - exact_mixture_log_px(t, x)) / estimate.stderr
+    if not (z.abs() < 4).all():
+        problems.append(f"log p(x) z-scores {z.tolist()}")
+    return problems
+
+
+@pytest.mark.parametrize("variant", list(BROKEN_SUM))
+def test_enumerated_mixture_prior_equals_mixture_same_family_and_the_closed_form(float64, monkeypatch, variant):
+    if BROKEN_SUM[variant] is not None:
+        monkeypatch.setattr(evidence, "sum_out", BROKEN_SUM[variant])
+    problems = mixture_problems()
+    assert (problems == []) == (variant == "correct"), problems
+
+
+def test_enumerated_site_is_summed_into_the_prior_of_the_site_it_conditions(float64):
+    """The component's sum lands in log p(z) (no site c of its own), with no closed-form KL at z."""
+    t = mixture_parameters()
+    enumerated, mixture, guide = mixture_models(t)
+    terms = evidence.log_weights(enumerated, guide, mixture_data(t), 10)
+    assert set(terms.log_prior) == {"z"} and terms.latent_sites == ["z"]
+    assert terms.kl_method == {"z": "no closed form"}
+    assert set(estimators.kl(terms)) == {"z"}
+
+
+# a fully discrete model: x | c1, c2 ~ Bernoulli(θ_{c1} · φ_{c2}), c1 ~ Cat(π1), c2 ~ Cat(π2)
+
+def discrete_parameters():
+    g = torch.Generator().manual_seed(7)
+    return {"pi1": torch.tensor([0.1, 0.6, 0.3]), "pi2": torch.tensor([0.7, 0.3]),
+            "theta": torch.rand(3, P, generator=g) * 0.8 + 0.1, "phi": torch.rand(2, P, generator=g) * 0.5 + 0.5}
+
+
+def discrete_model(t):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            c1 = pyro.sample("c1", dist.Categorical(t["pi1"]), infer={"enumerate": "parallel"})
+            c2 = pyro.sample("c2", dist.Categorical(t["pi2"]), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Bernoulli(t["theta"][c1] * t["phi"][c2]).to_event(1), obs=x)
+
+    return model
+
+
+def no_guide(x):
+    pass
+
+
+def exact_discrete_log_px(t, x):
+    """Σ over (c1, c2) of π1 π2 Π_p Bernoulli(x_p; θ φ), written out term by term: (N,)."""
+    total = torch.zeros(len(x))
+    for c1, c2 in itertools.product(range(3), range(2)):
+        p = t["theta"][c1] * t["phi"][c2]
+        likelihood = torch.prod(torch.where(x == 1, p, 1 - p), -1)
+        total = total + t["pi1"][c1] * t["pi2"][c2] * likelihood
+    return total.log()
+
+
+def binary_points(n=8):
+    return torch.bernoulli(torch.full((n, P), 0.5), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("variant", list(BROKEN_SUM))
+def test_fully_discrete_model_gives_the_exact_finite_sum(float64, monkeypatch, variant):
+    """With every latent enumerated every particle's log-weight is log p(x) itself."""
+    if BROKEN_SUM[variant] is not None:
+        monkeypatch.setattr(evidence, "sum_out", BROKEN_SUM[variant])
+    t, x = discrete_parameters(), binary_points()
+    log_w = evidence.log_weights(discrete_model(t), no_guide, x, 3).log_w
+    exact = exact_discrete_log_px(t, x).expand(3, -1)
+    assert torch.allclose(log_w, exact, rtol=0, atol=1e-12) == (variant == "correct")
+
+
+# a discrete site the guide draws: q(c | x) = Categorical(softmax(ψ)), scored by its log q
+
+def drawn_site_programs(t, enumerate_guide=False):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(t["pi1"]))
+            pyro.sample("x", dist.Bernoulli(t["theta"][c]).to_event(1), obs=x)
+
+    def guide(x):
+        logits = pyro.param("psi", torch.tensor([0.5, -0.3, 0.2]))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"} if enumerate_guide else {})
+
+    return model, guide
+
+
+def exact_drawn_site_elbo(t, x, logits):
+    """ELBO = Σ_c q_c (log π_c + log p(x | c) − log q_c), a differentiable function of the logits: (N,)."""
+    log_q = torch.log_softmax(logits, -1)  # (C,)
+    log_lik = torch.stack([torch.where(x == 1, th, 1 - th).log().sum(-1) for th in t["theta"]], -1)  # (N, C)
+    return (log_q.exp() * (torch.log(t["pi1"]) + log_lik - log_q)).sum(-1)
+
+
+def exact_drawn_site_log_px(t, x):
+    log_lik = torch.stack([torch.where(x == 1, th, 1 - th).log().sum(-1) for th in t["theta"]], -1)
+    return torch.logsumexp(torch.log(t["pi1"]) + log_lik, -1)
+
+
+LOG_Q_BREAKS = {
+    "correct": None,
+    "broken-log-q-left-out": lambda log_q: torch.zeros_like(log_q),
+}
+
+
+@pytest.mark.parametrize("variant", list(LOG_Q_BREAKS))
+def test_guide_drawn_discrete_site_enters_the_weight_with_its_log_q(float64, monkeypatch, variant):
+    """IS log p(x) and the Monte Carlo ELBO against the finite sums, within 4 s.e. per point, and
+    the closed-form KL(q(c) ‖ p(c)) (Categorical ‖ Categorical) against its Monte Carlo estimate."""
+    t, x = discrete_parameters(), binary_points()
+    model, guide = drawn_site_programs(t)
+    if LOG_Q_BREAKS[variant] is not None:
+        original = evidence.unscaled_log_prob
+
+        def broken(name, site, shape, compiled=False, enumerated=False):
+            value = original(name, site, shape, compiled, enumerated)
+            return LOG_Q_BREAKS[variant](value) if site["name"] == "c" and not enumerated else value
+
+        monkeypatch.setattr(evidence, "unscaled_log_prob", broken)
+    terms = evidence.log_weights(model, guide, x, 4000)
+    problems = []
+    log_px = estimators.log_px(terms.log_w)
+    z = (log_px.value - exact_drawn_site_log_px(t, x)) / log_px.stderr
+    if not (z.abs() < 4).all():
+        problems.append(f"log p(x) z {z.tolist()}")
+    elbo = estimators.elbo(terms.log_w)
+    z = (elbo.value - exact_drawn_site_elbo(t, x, pyro.param("psi").detach())) / elbo.stderr
+    if not (z.abs() < 4).all():
+        problems.append(f"ELBO z {z.tolist()}")
+    assert terms.kl_method["c"] == "analytic"
+    q = torch.softmax(pyro.param("psi").detach(), -1)
+    by_hand = (q * (q.log() - t["pi1"].log())).sum()
+    assert torch.allclose(terms.kl_analytic["c"], by_hand.expand(4000, len(x)), rtol=1e-12)
+    assert (problems == []) == (variant == "correct"), problems
+
+
+class _NoLogR:
+    def sum_to(self, stack):
+        return torch.zeros(())
+
+
+@pytest.mark.parametrize("variant", ["correct", "broken-no-score-function"])
+def test_guide_drawn_discrete_site_trains_by_its_score_function(float64, monkeypatch, variant):
+    """The ``elbo`` objective's gradient in ψ, averaged over R independent replications, is the
+    exact ELBO's gradient within 4 standard errors of that average."""
+    if variant != "correct":
+        monkeypatch.setattr(objectives, "_compute_log_r", lambda model_trace, guide_trace: _NoLogR())
+    t, x = discrete_parameters(), binary_points(4)
+    model, guide = drawn_site_programs(t)
+    loss_fn = objectives.loss("elbo", model, guide, num_particles=500)
+    loss_fn(x)
+    psi = pyro.param("psi").unconstrained()
+    grads = []
+    for _ in range(40):
+        g, = torch.autograd.grad(loss_fn(x), psi)
+        grads.append(-g)
+    grads = torch.stack(grads)  # (R, C)
+    exact, = torch.autograd.grad(exact_drawn_site_elbo(t, x, psi).sum(), psi)
+    z = (grads.mean(0) - exact) / (grads.std(0) / math.sqrt(len(grads)))
+    assert "score-function" in next(iter(loss_fn.estimators.values()))
+    assert bool((z.abs() < 4).all()) == (variant == "correct"), z
+
+
+@pytest.mark.filterwarnings("ignore:Found vars in model but not guide:UserWarning")  # the broken variant's Trace_ELBO
+@pytest.mark.parametrize("variant", ["correct", "broken-enumeration-ignored"])
+def test_enumerated_training_loss_is_the_mixture_same_family_elbo(float64, caplog, monkeypatch, variant):
+    """TraceEnum_ELBO on the enumerated model and Trace_ELBO on the MixtureSameFamily model: the
+    same value and gradient on the same draws; the estimator is said once."""
+    if variant != "correct":
+        monkeypatch.setattr(objectives, "discrete_sites", lambda m, g: objectives.DiscreteSites((), (), (), (), ()))
+    t = mixture_parameters()
+    enumerated, mixture, guide = mixture_models(t)
+    x = mixture_data(t)
+    values, grads = [], []
+    for model in (enumerated, mixture):
+        loss_fn = objectives.loss("elbo", model, guide, num_particles=7)
+        with caplog.at_level(logging.INFO, logger="pyrovae.objectives"):
+            pyro.set_rng_seed(2)
+            loss_fn.discrete(x)
+            value = loss_fn(x)
+        values.append(value)
+        grads.append(torch.autograd.grad(value, pyro.param("loc_map").unconstrained())[0])
+    same = torch.allclose(values[0], values[1], rtol=1e-12) and torch.allclose(grads[0], grads[1], rtol=1e-10)
+    assert same == (variant == "correct")
+    assert ("TraceEnum_ELBO (enumerated: c)" in caplog.text) == (variant == "correct")
+    pyro.set_rng_seed(2)
+    reference = Trace_ELBO(num_particles=7, vectorize_particles=True, max_plate_nesting=1).differentiable_loss(mixture, guide, x)
+    assert torch.allclose(values[1], reference, rtol=1e-12)
+
+
+def test_guide_enumeration_and_sampling_agree_on_the_elbo(float64):
+    """The guide's site enumerated (TraceEnum_ELBO's exact sum over c) and drawn (the Monte Carlo
+    ELBO of the weights): the same ELBO within 4 standard errors, and the closed form."""
+    t, x = discrete_parameters(), binary_points()
+    model, guide = drawn_site_programs(t, enumerate_guide=True)
+    exact = exact_drawn_site_elbo(t, x, torch.tensor([0.5, -0.3, 0.2])).sum()
+    summed = -objectives.loss("elbo", model, guide)(x)
+    assert torch.allclose(summed, exact, rtol=1e-12)
+    terms = evidence.log_weights(model, guide, x, 4000)
+    elbo = estimators.elbo(terms.log_w)
+    assert ((elbo.value.sum() - exact) / elbo.stderr.pow(2).sum().sqrt()).abs() < 4
+
+
+# refusals, one line each
+
+def missing_discrete_site(x):
+    with pyro.plate("data", x.shape[0]):
+        c = pyro.sample("c", dist.Categorical(torch.ones(2) / 2))
+        pyro.sample("x", dist.Bernoulli(torch.tensor([0.2, 0.8])[c][:, None].expand(-1, P)).to_event(1), obs=x)
+
+
+def sequential_site(x):
+    with pyro.plate("data", x.shape[0]):
+        c = pyro.sample("c", dist.Categorical(torch.ones(2) / 2), infer={"enumerate": "sequential"})
+        pyro.sample("x", dist.Bernoulli(torch.tensor([0.2, 0.8])[c][:, None].expand(-1, P)).to_event(1), obs=x)
+
+
+def missing_continuous_site(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], P), 1.0).to_event(1))
+        pyro.sample("x", dist.Bernoulli(logits=z).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("model, message", [
+    (missing_discrete_site, r"latent site 'c' of the model is not sampled by the guide: mark it infer=\{'enumerate': 'parallel'\}"),
+    (sequential_site, "site 'c' is marked for sequential enumeration: only"),
+    (missing_continuous_site, "latent site 'z' of the model is not sampled by the guide: the guide must sample every continuous"),
+], ids=["discrete-unmarked", "sequential", "continuous"])
+def test_contract_refuses_a_latent_site_neither_enumerated_nor_sampled(model, message):
+    with pytest.raises(ContractError, match=message) as e:
+        contract.check(model, no_guide, binary_points())
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("objective", ["mean-field", "iwae", "iwae-dreg"])
+@pytest.mark.parametrize("kind", ["drawn", "enumerated"])
+def test_objectives_that_need_reparameterized_sites_refuse_discrete_ones(objective, kind):
+    t, x = discrete_parameters(), binary_points()
+    model, guide = drawn_site_programs(t, enumerate_guide=kind == "enumerated")
+    expected = "needs reparameterized guide sites" if kind == "drawn" else "cannot sum out the enumerated"
+    with pytest.raises(ContractError, match=f"objective `{objective}` {expected}.*use objective `elbo`"):
+        objectives.loss(objective, model, guide, num_particles=2)(x)
+
+
+def test_beta_is_refused_where_sites_are_enumerated():
+    t = mixture_parameters()
+    enumerated, _, guide = mixture_models(t)
+    with pytest.raises(PyrovaeError, match="`beta` other than 1"):
+        objectives.loss("elbo", enumerated, guide, beta=0.5)(mixture_data(t))
+
+
+def test_ais_refuses_discrete_sites():
+    t, x = discrete_parameters(), binary_points()
+    model, guide = drawn_site_programs(t)
+    with pytest.raises(ContractError, match=r"AIS and BDMC do not apply to a model with discrete latent sites \(c\)"):
+        ais.ais(model, guide, x, num_steps=2, num_chains=2)
+
+
+# pyrovae.params finds the parameters with Trace_ELBO, which warns about a site the guide leaves to enumeration
+@pytest.mark.filterwarnings("ignore:Found vars in model but not guide:UserWarning")
+def test_fit_trains_an_enumerated_model_eagerly_and_says_so(caplog):
+    """capture (the default) falls back to eager in one line; the loss goes down."""
+    from pyrovae.data import Batches
+    from pyrovae.train import TrainConfig, fit
+
+    t = mixture_parameters()
+    enumerated, _, guide = mixture_models(t)
+    x = mixture_data(t, 64).float()
+
+    with caplog.at_level(logging.INFO):
+        history = fit(SimpleNamespace(model=enumerated, guide=guide), Batches(x, 16), TrainConfig(epochs=3, batch_size=16, lr=0.05, capture="auto"), test_x=x, progress=False)
+    assert "capture: not for a model with discrete latent sites (c); training eagerly" in caplog.text
+    assert "TraceEnum_ELBO (enumerated: c)" in caplog.text
+    assert history[-1]["test_elbo"] > history[0]["test_elbo"]
