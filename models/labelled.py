@@ -32,7 +32,7 @@ Every network accepts extra leading dimensions: under enumeration y has shape (C
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist

@@ -8,7 +8,7 @@ each data point; the data lie in the support of the observed site's distribution
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import torch

@@ -29,14 +29,20 @@ the same ELBO that ``TraceEnum_ELBO`` sums exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from .errors import ContractError, PyrovaeError
 from .kl import site_kl
-from .traces import check_data_plate, enumeration, particle_traces, sample_sites, unscaled_log_prob
+from .traces import (
+    check_data_plate,
+    enumeration,
+    particle_traces,
+    sample_sites,
+    unscaled_log_prob,
+)
 
 
 @dataclass
@@ -61,7 +67,7 @@ class SiteLogProbs:
         return [s for s in self.log_q if s in self.log_prior]
 
     @staticmethod
-    def cat(chunks: list["SiteLogProbs"]) -> "SiteLogProbs":
+    def cat(chunks: list[SiteLogProbs]) -> SiteLogProbs:
         """Join chunks of particles along K."""
         def join(name):
             parts = [getattr(c, name) for c in chunks]

@@ -49,7 +49,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import pyro
 import torch
@@ -62,12 +63,20 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-from .contract import check_objective, traces as contract_traces
+from .contract import check_objective
+from .contract import traces as contract_traces
 from .data import Labelled
 from .errors import PyrovaeError
 from .evidence import SiteLogProbs, site_log_probs
 from .kl import site_kl
-from .traces import PARTICLE_DIM, DiscreteSites, at, discrete_sites, latent_values, sample_sites
+from .traces import (
+    PARTICLE_DIM,
+    DiscreteSites,
+    at,
+    discrete_sites,
+    latent_values,
+    sample_sites,
+)
 
 log = logging.getLogger(__name__)
 
@@ -324,4 +333,4 @@ def loss(objective: str, model: Callable, guide: Callable, num_particles: int = 
     return Loss(objective, model, guide, num_particles, beta)
 
 
-__all__ = ["OBJECTIVES", "Loss", "elbo_loss", "elbo_surrogate", "loss", "warmup_scale", "scale_latents"]
+__all__ = ["OBJECTIVES", "Loss", "elbo_loss", "elbo_surrogate", "loss", "scale_latents", "warmup_scale"]

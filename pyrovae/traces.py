@@ -15,7 +15,8 @@ sums over the data plate; these traces keep one column per data point.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -228,6 +229,24 @@ def observed_mean(model: Callable, x: torch.Tensor, latents: dict[str, torch.Ten
     return of_x[0]["fn"].mean.expand(x.shape)
 
 
-__all__ = ["ENUM_DIM", "PARTICLE_DIM", "DiscreteSites", "at", "check_data_plate", "class_probabilities", "discrete_sites", "enumeration",
-           "is_discrete", "is_reparameterized", "fused_log_prob", "guide_means", "latent_values", "means",
-           "observed_mean", "particle_traces", "replay_traces", "sample_sites", "unscaled_log_prob"]
+__all__ = [
+    "ENUM_DIM",
+    "PARTICLE_DIM",
+    "DiscreteSites",
+    "at",
+    "check_data_plate",
+    "class_probabilities",
+    "discrete_sites",
+    "enumeration",
+    "fused_log_prob",
+    "guide_means",
+    "is_discrete",
+    "is_reparameterized",
+    "latent_values",
+    "means",
+    "observed_mean",
+    "particle_traces",
+    "replay_traces",
+    "sample_sites",
+    "unscaled_log_prob",
+]

@@ -108,7 +108,7 @@ def test_enumerated_mixture_prior_equals_mixture_same_family_and_the_closed_form
 def test_enumerated_site_is_summed_into_the_prior_of_the_site_it_conditions(float64):
     """The component's sum lands in log p(z) (no site c of its own), with no closed-form KL at z."""
     t = mixture_parameters()
-    enumerated, mixture, guide = mixture_models(t)
+    enumerated, _, guide = mixture_models(t)
     terms = evidence.log_weights(enumerated, guide, mixture_data(t), 10)
     assert set(terms.log_prior) == {"z"} and terms.latent_sites == ["z"]
     assert terms.kl_method == {"z": "no closed form"}
