@@ -112,7 +112,9 @@ def test_the_docs_build_with_warnings_as_errors(tmp_path):
     api = "".join(p.read_text(encoding="utf-8") for p in (out / "api").glob("*.html"))
     for name in ("pyrovae.train.fit", "pyrovae.train.TrainConfig", "pyrovae.evaluate.evaluate", "pyrovae.evaluate.Evaluation",
                  "pyrovae.evidence.log_weights", "pyrovae.estimators.log_px", "pyrovae.ais.ais", "pyrovae.ais.bdmc",
-                 "pyrovae.compare.compare", "pyrovae.registry.Registry", "pyrovae.run.Run.load_model"):
+                 "pyrovae.compare.compare", "pyrovae.registry.Registry", "pyrovae.registry.Registry.register",
+                 "pyrovae.run.Run.load_model", "pyrovae.train.TrainConfig.beta", "pyrovae.evaluate.Evaluation.khat",
+                 "pyrovae.ais.AISSettings.num_steps"):
         assert f'id="{name}"' in api, f"{name} is not in the API reference"
     cli = (out / "cli.html").read_text(encoding="utf-8")
     assert "--checkpoint-every" in cli and "--ais-steps" in cli  # the parsers' own help
