@@ -1,13 +1,18 @@
 """Evaluation of a trained VAE, the evaluate command, and its errors."""
 
+import contextlib
+import io
 import json
 import math
+import re
+from argparse import Namespace
 
 import arviz
 import pytest
 import torch
 
-from pyrovae import estimators, kl
+from pyrovae import estimators, gaps, kl
+from pyrovae.cli.common import open_run
 from pyrovae.cli.common import in_flags
 from pyrovae.cli.main import main
 from pyrovae.data import Batches, load_dataset, static_binarized
@@ -194,3 +199,77 @@ def test_evaluate_command_needs_a_checkpoint(run_dir, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- evaluate --gaps
+
+GAP_OPTIONS = ["-k", "200", "--limit", "24", "--particles-elbo", "50", "--gap-steps", "150", "--gap-samples", "200",
+               "--gap-batch-size", "10", "--no-compile", "--no-progress"]
+GAP_SETTINGS = gaps.GapSettings(steps=150, num_samples=200, particles_elbo=50, batch_size=10)
+TABLE_ROW = r"^  {} gap .*?\s(-?\d+\.\d{{3}})\s+(\d+\.\d{{3}})$"  # a gap's row of the table: mean, s.e.
+
+
+@pytest.fixture(scope="module")
+def gaps_command(run_dir, tmp_path_factory):
+    """``pyrovae evaluate --gaps`` on 24 digits (printed output, JSON) and the same evaluation from Python."""
+    folder = tmp_path_factory.mktemp("gaps")
+    out, png = folder / "e.json", folder / "gaps.png"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["evaluate", str(run_dir), *GAP_OPTIONS, "--gaps", "--json", str(out), "--gaps-plot", str(png)]) == 0
+    run, module, _ = open_run(Namespace(run_dir=run_dir, device="cpu", seed=0, checkpoint="last"))
+    x = run.eval_split(run.dataset(), "test")[:24]
+    python = {seed: evaluate(module.model, module.guide, x, 200, particles_elbo=50, seed=seed, gaps=GAP_SETTINGS)
+              for seed in (0, 1)}
+    return printed.getvalue(), json.loads(out.read_text()), png, python
+
+
+def gaps_problems(printed: str, report: dict, python) -> list[str]:
+    """What ``evaluate --gaps`` must show, against its own per-point values and the Python evaluation."""
+    s = report["summary"]
+    p = {name: torch.tensor(values, dtype=torch.float64) for name, values in report["per_point"].items()}
+    approximation, amortization = p["approximation_gap"], p["amortization_gap"]
+    problems = []
+    if not torch.allclose(approximation + amortization, p["gap_log_px"] - p["gap_elbo"], rtol=0, atol=1e-9):
+        problems.append("the gaps do not add up to log p(x) − ELBO[q] per point")
+    for name, values in (("approximation", approximation), ("amortization", amortization)):
+        mean, se = s["gaps"][name]
+        if mean != pytest.approx(values.mean().item(), abs=1e-12) or se != pytest.approx(values.std().item() / math.sqrt(24)):
+            problems.append(f"the summary's {name} gap is not the mean of the per-point ones")
+        row = re.search(TABLE_ROW.format(name), printed, re.M)
+        if row is None or (float(row[1]), float(row[2])) != pytest.approx((mean, se), abs=5e-4):
+            problems.append(f"the table's {name} gap is not the summary's")
+    for name, attribute in (("approximation_gap", "approximation"), ("amortization_gap", "amortization")):
+        if not torch.allclose(p[name], getattr(python.gaps, attribute).value, rtol=1e-10, atol=1e-12):
+            problems.append(f"the command's {name} differs from evaluate(..., gaps=...)")
+    information = s["surgery"]["sites"]["z"]["mutual_information"]
+    if not torch.allclose(p["mutual_information_z"], python.surgery.sites["z"].mutual_information.value,
+                          rtol=1e-10, atol=1e-12):
+        problems.append("the command's mutual information differs from evaluate(..., gaps=...)")
+    beside = re.search(r"^active units: (\d+) of 4 latent dimensions .*I_q\(x; z\) = (\d+\.\d\d) ± (\d+\.\d\d) nats", printed, re.M)
+    if beside is None or (float(beside[2]), float(beside[3])) != pytest.approx(tuple(information), abs=5e-3) \
+            or int(beside[1]) != report["summary"]["active_units"]:
+        problems.append("the mutual information beside the active units is not the summary's")
+    return problems
+
+
+@pytest.mark.slow  # the fixture evaluates 24 points three times with q* fitted (≈ 30 s on two busy cores)
+@pytest.mark.parametrize("variant", ["correct", "broken-swapped-gaps", "broken-other-seed"])
+def test_evaluate_gaps_command_reports_the_numbers_of_evaluate_in_python(gaps_command, variant):
+    """The table, the JSON and the Python API agree point by point; the two gaps add up to the
+    gaps' total per point, and that total agrees with the evaluation's own gap within 4 s.e."""
+    printed, report, png, python = gaps_command
+    report = json.loads(json.dumps(report))
+    if variant == "broken-swapped-gaps":
+        p = report["per_point"]
+        p["approximation_gap"], p["amortization_gap"] = p["amortization_gap"], p["approximation_gap"]
+    problems = gaps_problems(printed, report, python[1 if variant == "broken-other-seed" else 0])
+    if variant == "correct":
+        assert problems == []
+        mean, se = report["summary"]["gaps"]["sum_minus_gap"]
+        assert abs(mean) < 4 * se
+        assert report["summary"]["gaps"]["families"] == {"z": "Normal"}
+        assert report["summary"]["surgery"]["sites"]["z"]["active_units"] == report["summary"]["active_units"]
+        assert png.stat().st_size > 1000
+    else:
+        assert any("differs from evaluate" in p or "mean of the per-point" in p for p in problems), problems
