@@ -132,10 +132,10 @@ def check_objective(objective: str, discrete: DiscreteSites) -> None:
         return
     if discrete.summed or discrete.enumerated:
         sites = discrete.summed + discrete.enumerated
-        raise ContractError(f"objective `{objective}` cannot sum out the enumerated discrete site {sites[0]!r}: "
-                            "use objective `elbo` (TraceEnum_ELBO)")
-    raise ContractError(f"objective `{objective}` needs reparameterized guide sites, but the guide samples the discrete "
-                        f"site {discrete.sampled[0]!r}: use objective `elbo` (score-function gradient), or mark the site "
+        raise ContractError(f"`objective` {objective} cannot sum out the enumerated discrete site {sites[0]!r}: "
+                            "use `objective` elbo (TraceEnum_ELBO)")
+    raise ContractError(f"`objective` {objective} needs reparameterized guide sites, but the guide samples the discrete "
+                        f"site {discrete.sampled[0]!r}: use `objective` elbo (score-function gradient), or mark the site "
                         "infer={'enumerate': 'parallel'} to have it summed out")
 
 

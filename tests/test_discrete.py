@@ -331,7 +331,7 @@ def test_objectives_that_need_reparameterized_sites_refuse_discrete_ones(objecti
     t, x = discrete_parameters(), binary_points()
     model, guide = drawn_site_programs(t, enumerate_guide=kind == "enumerated")
     expected = "needs reparameterized guide sites" if kind == "drawn" else "cannot sum out the enumerated"
-    with pytest.raises(ContractError, match=f"objective `{objective}` {expected}.*use objective `elbo`"):
+    with pytest.raises(ContractError, match=f"`objective` {objective} {expected}.*use `objective` elbo"):
         objectives.loss(objective, model, guide, num_particles=2)(x)
 
 
