@@ -10,6 +10,11 @@ Pyro's particle plate puts them):
   converges slowly; k̂ > 0.7 it is not reliable (Yao et al. 2018 use the same scale for
   variational approximations); k̂ > 1 the weights have no finite mean.
 
+Both are computed from the K draws that were made, so neither can see a part of the posterior
+that q misses altogether: the fitted tail then looks light, k̂ comes out at 0.7 or below, and
+log p̂(x) is still too low. k̂ ≤ 0.7 says that no problem was seen, not that the estimate is
+reliable; annealed importance sampling (:mod:`pyrovae.ais`) is the check where the evidence matters.
+
 References
 ----------
 - A. Kong (1992). A note on importance sampling using standardized weights. Tech. rep. 348,
