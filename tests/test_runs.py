@@ -296,7 +296,7 @@ def test_a_captured_training_step_trains_as_the_eager_one(tmp_path, monkeypatch,
 def test_the_capture_mode_is_recorded_and_can_change_on_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--epochs", "1", "--out", "run", *SMALL]) == 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["capture"] is False
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["capture"] == "auto"  # the default
     assert main(["train", "--resume", "--epochs", "2", "--capture", "graph", "--out", "run", *SMALL[-1:]]) == 0
     assert "resuming with epochs 2, capture graph" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["capture"] == "graph"

@@ -223,7 +223,7 @@ def test_fit_calls_back_after_each_epoch_and_starts_where_told(monkeypatch, vari
 
     monkeypatch.setattr(train_module, "train_step", recording_step)
     step_losses.append([])
-    history = fit(vae, batches, TrainConfig(epochs=5, batch_size=8, lr=1e-2), test_x=x[:10], start_epoch=2,
+    history = fit(vae, batches, TrainConfig(epochs=5, batch_size=8, lr=1e-2, capture=False), test_x=x[:10], start_epoch=2,  # records train_step
                   on_epoch_end=on_epoch_end, progress=False)
     assert [m["epoch"] for m in history] == [3, 4, 5]
     assert seen == history
