@@ -14,7 +14,9 @@ sums over the data plate; these traces keep one column per data point.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -140,6 +142,18 @@ def discrete_sites(model_trace, guide_trace) -> DiscreteSites:
     return DiscreteSites(summed, enumerated, sampled, missing, sequential)
 
 
+@contextlib.contextmanager
+def quiet_enumeration_warnings():
+    """Silence the two warnings Pyro's ``Trace_ELBO`` gives for a program with sites marked for
+    enumeration (a guide site so marked; a model site left to enumeration), where a pass of it only
+    looks for the parameters (:func:`pyrovae.params.trainable`), not for the ELBO."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*If you want to enumerate sites, you need to use TraceEnum_ELBO",
+                                category=UserWarning)
+        warnings.filterwarnings("ignore", message="Found vars in model but not guide", category=UserWarning)
+        yield
+
+
 def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args,
                     enumerate_model: bool = False, **kwargs):
     """(guide trace, model trace): the guide run under ``pyro.plate("particles", K, dim=-2)``, K =
@@ -246,6 +260,7 @@ __all__ = [
     "means",
     "observed_mean",
     "particle_traces",
+    "quiet_enumeration_warnings",
     "replay_traces",
     "sample_sites",
     "unscaled_log_prob",

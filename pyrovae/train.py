@@ -28,6 +28,7 @@ from .errors import PyrovaeError
 from .latents import active_units, kl_per_site, latent_means
 from .objectives import elbo_loss, loss as objective_loss, warmup_scale
 from .step import TrainingDiverged, make_optimizer, train_step
+from .traces import quiet_enumeration_warnings
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,8 @@ def fit(
     if optimizer is None:
         sample = first_batch(batches)
         contract.check(module.model, module.guide, sample, "the training data")
-        optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
+        with quiet_enumeration_warnings():  # a pass for the parameters, not the ELBO
+            optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
     loss_fn = objective_loss(config.objective, module.model, module.guide, config.num_particles, config.beta)
     discrete = loss_fn.discrete(first_batch(batches))  # refuses an objective that cannot train the discrete sites; logs the estimator
     captured = None

@@ -349,8 +349,6 @@ def test_ais_refuses_discrete_sites():
         ais.ais(model, guide, x, num_steps=2, num_chains=2)
 
 
-# pyrovae.params finds the parameters with Trace_ELBO, which warns about a site the guide leaves to enumeration
-@pytest.mark.filterwarnings("ignore:Found vars in model but not guide:UserWarning")
 def test_fit_trains_an_enumerated_model_eagerly_and_says_so(caplog):
     """capture (the default) falls back to eager in one line; the loss goes down."""
     from pyrovae.data import Batches

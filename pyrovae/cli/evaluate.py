@@ -28,6 +28,7 @@ import torch
 
 from pyrovae import ais as ais_, distributed, gaps as gaps_, latents
 from pyrovae.errors import PyrovaeError
+from pyrovae.traces import quiet_enumeration_warnings
 from pyrovae.evaluate import DEFAULT_IWAE_KS, cat, classifier_accuracy, compile_pays, default_batch_size, evaluate, to_inference_data
 from pyrovae.plots import save_gaps_plot
 from pyrovae.run import resolve_device
@@ -151,7 +152,8 @@ def gathered(part):
 
 def _run(args, options: dict) -> int:
     rank, size = distributed.world()
-    run_, module, device = open_run(args)
+    with quiet_enumeration_warnings():  # loading finds the parameters by a Trace_ELBO pass
+        run_, module, device = open_run(args)
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
     batch = default_batch_size(args.samples, device) if args.batch_size is None else args.batch_size
