@@ -28,6 +28,7 @@ from . import gaps as gaps_
 from .errors import PyrovaeError
 from .estimators import Estimate, KLEstimate
 from .evidence import log_weights
+from .fast_eval import CapturedLogWeights
 from .traces import class_probabilities
 from .seeds import batch_seed
 from .context import fast_context
@@ -194,10 +195,11 @@ def compile_pays(num_points: int, num_samples: int, device) -> bool:
 def importance_log_weights(
     model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: int | None = None,
     compiled: bool = False, seed: int | None = None, row: int = 0, shard: tuple[int, int] = (0, 1),
-    on_chunk: Callable[[int], None] | None = None,
+    on_chunk: Callable[[int], None] | None = None, captured: CapturedLogWeights | None = None,
 ) -> torch.Tensor:
     """log w (K, B) in float64 for the B points of x, K = ``num_samples``, ``chunk_size`` particles
-    at a time. With ``seed``, chunk c is drawn from a stream seeded by (seed, ``row``, c). With
+    at a time; with ``captured``, each chunk from that traced pass (:mod:`pyrovae.fast_eval`: the
+    same draws, each signature checked against the eager pass), else from Pyro's traces. With ``seed``, chunk c is drawn from a stream seeded by (seed, ``row``, c). With
     ``shard`` = (rank, W) under torch.distributed, this process draws the chunks c ≡ rank (mod W)
     and the chunks of all processes are gathered, in order: the same K × B log-weights as one
     process with the same seed and chunk size."""
@@ -215,7 +217,10 @@ def importance_log_weights(
         if seed is not None:
             torch.manual_seed(batch_seed(seed, row, 1 + c))
         k = min(chunk_size, num_samples - start)
-        mine[c] = log_weights(model, guide, x, k, analytic_kl=False, compiled=compiled).log_w.double()
+        if captured is not None:
+            mine[c] = captured(x, k).double()
+        else:
+            mine[c] = log_weights(model, guide, x, k, analytic_kl=False, compiled=compiled).log_w.double()
         if on_chunk is not None:  # this chunk and the others' of the same round
             on_chunk(min(start + size * chunk_size, num_samples) - start)
     if size > 1:
@@ -251,6 +256,7 @@ def evaluate(
     batch_size: int | None = None,
     chunk_size: int | None = None,
     compile: bool | str = False,
+    capture: bool = True,
     keep_log_weights: bool = False,
     progress: bool = False,
     seed: int | None = None,
@@ -272,6 +278,10 @@ def evaluate(
     ``compile`` computes every site's log-density with ``torch.compile``; ``"auto"`` does so only
     where it pays for itself (:func:`compile_pays`): compiling costs about half a minute on two CPU
     cores and then runs the log-densities about 2.5× as fast, and on a GPU it was slower.
+    ``capture``: the importance-sampling pass (K draws per point) traced once per chunk shape and
+    replayed (:class:`pyrovae.fast_eval.CapturedLogWeights`), through ``torch.compile`` where
+    ``compile`` says so; each shape is checked against the eager pass on its first chunk, with the
+    same draws, and evaluated eagerly where they differ. The estimates are those of the eager pass.
 
     The contract, and the data against the observed site's support, are checked first on a few
     points: grey levels under a Bernoulli likelihood are refused, not scored.
@@ -332,6 +342,7 @@ def evaluate(
     contract.check(model, guide, x[:8], "the data to evaluate")
     if compile == "auto":
         compile = compile_pays(len(x), num_samples, x.device)
+    captured = CapturedLogWeights(model, guide, "inductor" if compile else "graph") if capture else None
     ks = sorted({k for k in iwae_ks if k <= num_samples} | {num_samples})
     N = len(x)
     # Results are written into tensors of length N allocated once: keeping thousands of small
@@ -364,7 +375,8 @@ def evaluate(
                 put_estimate(f"kl_analytic/{site}", rows, kl.analytic)
                 put(f"kl_z/{site}", rows, kl.z_score)
             log_w = importance_log_weights(model, guide, xb, num_samples, chunk_size, compile, seed, first_row + start,
-                                           particle_shard, on_chunk=lambda k: bar.update(len(xb) * k / num_samples))  # (K, B)
+                                           particle_shard, on_chunk=lambda k: bar.update(len(xb) * k / num_samples),
+                                           captured=captured)  # (K, B)
             for k in ks:
                 put_estimate(f"iwae/{k}", rows, estimators.iwae_bound(log_w, k))
             log_px = estimators.log_px(log_w)

@@ -174,14 +174,16 @@ def fold_constants(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def replay(graph: torch.fx.GraphModule, mode: str, inputs: Sequence[torch.Tensor], live: Sequence[torch.Tensor] = (),
-           what: str = "graph") -> Callable[..., Any]:
+           what: str = "graph", eager_noise: bool = False) -> Callable[..., Any]:
     """A function of the inputs that replays ``graph`` in ``mode`` (see the module docstring).
 
     ``inputs`` are example inputs of the signature (compiling runs on them; a CUDA graph copies
     them into its static buffers); ``live`` are further inputs passed on every call as they are
     (the trained parameters, updated in place by the optimizer): the graph takes
     ``(*inputs, *live)``, the returned function ``(*inputs)``. Nothing is drawn from torch's
-    generators on the way. ``what`` names the graph in the fallback warning."""
+    generators on the way. ``what`` names the graph in the fallback warning. ``eager_noise``: in
+    mode ``"inductor"``, draw the random operations with torch's generator as the eager function
+    does (inductor's ``fallback_random``) rather than with inductor's own stream."""
     if mode not in MODES:
         raise ValueError(f"unknown replay mode {mode!r}; known: {', '.join(MODES)}")
     if mode == "cuda-graph":
@@ -190,20 +192,24 @@ def replay(graph: torch.fx.GraphModule, mode: str, inputs: Sequence[torch.Tensor
     run = graph
     if mode == "inductor":
         with preserved_rng([*inputs, *live]):
-            run = compiled(graph, [*inputs, *live], what)
+            run = compiled(graph, [*inputs, *live], what, eager_noise)
     if not live:
         return run
     live = list(live)
     return lambda *new: run(*new, *live)
 
 
-def compiled(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], what: str = "graph") -> Callable[..., Any]:
+def compiled(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], what: str = "graph",
+             eager_noise: bool = False) -> Callable[..., Any]:
     """``graph`` through ``torch.compile`` (inductor), compiled now on ``inputs``; the plain graph
-    where compiling fails, after a warning."""
+    where compiling fails, after a warning. ``eager_noise``: random operations drawn with torch's
+    generator, in the eager order (``fallback_random``)."""
+    from torch._inductor import config as inductor_config
+
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
     run = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inductor_config.patch(fallback_random=eager_noise):
             run(*inputs)
     except Exception as e:
         message = str(e).strip()
