@@ -54,6 +54,9 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk-size", type=int, help="particles per pass (default: all at once)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
                    help="compile the sites' log-densities with torch.compile (default: where it pays, on CPU for N × K ≥ 10⁷; eager if unavailable)")
+    p.add_argument("--capture", action=argparse.BooleanOptionalAction, default=True,
+                   help="trace the importance-sampling pass once per chunk shape and replay it, checked against the eager pass "
+                        "on its first chunk (through torch.compile where --compile says so); --no-capture: Pyro's traces on every chunk")
     p.add_argument("--json", type=Path, help="write the summary and per-point values here")
     p.add_argument("--netcdf", type=Path, help="write per-point log-weights and diagnostics as arviz InferenceData; "
                    "it holds K × N float64 log-weights in memory (≈ 400 MB for 10 000 points at K = 5000)")
@@ -165,7 +168,7 @@ def _run(args, options: dict) -> int:
     result = None
     if rows.stop > rows.start:
         result = evaluate(module.model, module.guide, x[rows], args.samples, args.iwae_k, args.particles_elbo,
-                          batch, chunk, args.compile, keep_log_weights=args.netcdf is not None,
+                          batch, chunk, args.compile, capture=args.capture, keep_log_weights=args.netcdf is not None,
                           progress=not args.no_progress and rank == 0, seed=args.seed, first_row=rows.start,
                           particle_shard=(rank, size) if shard_particles else (0, 1))
     result = result if shard_particles else gathered(result)
