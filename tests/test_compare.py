@@ -6,6 +6,7 @@ models is exact; with a guide that is not the posterior, the estimate of the mea
 differs from the exact one by Monte Carlo error only, measured by the estimates' own standard errors.
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -15,7 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from torch.distributions import MultivariateNormal, kl_divergence
+
 from pyrovae import compare as cmp
+from pyrovae import gaps
 from pyrovae.cli import compare as compare_command
 from pyrovae.cli.main import main
 from pyrovae.estimators import Estimate
@@ -123,6 +127,157 @@ def test_inexact_guides_estimate_the_exact_difference_within_their_standard_erro
     assert abs(excess) < 4 * tolerance, (excess, tolerance)
     assert result.paired_se == pytest.approx(d.std().item() / math.sqrt(N), rel=0.05)
     assert result.paired_se < result.unpaired_se / 2
+
+
+# ---------------------------------------------------------------- the gaps compared
+
+def gaps_swapped(from_evaluation):
+    def swapped(evaluation, particles_elbo):
+        e = from_evaluation(evaluation, particles_elbo)
+        e.gaps = {"approximation": e.gaps["amortization"], "amortization": e.gaps["approximation"]}
+        return e
+
+    return swapped
+
+
+GAP_BROKEN = {  # name → (object, its attribute, replacement given the original)
+    "broken-reversed": (cmp, "paired_difference", lambda f: lambda a, b, **kw: f(b, a, **kw)),
+    "broken-share-of-larger": (cmp, "paired_difference", lambda f: lambda a, b, **kw: f(a, b)),
+    "broken-gaps-swapped": (cmp.PointEvaluation, "from_evaluation", gaps_swapped),
+}
+
+
+def exact_and_shifted_guides():
+    """One PPCA model; A's guide is its exact posterior, B's the same full-covariance Gaussian with
+    its mean moved by 0.4 in each coordinate: both families hold the posterior (approximation
+    gaps 0), A's amortization gap is 0 and B's is KL(q_B ‖ p(z|x)), the same at every point."""
+    (model, exact), _ = ppca_pair()
+    shifted = LinearGaussianGuide(P, model.sites).set_exact_posterior(model)
+    with torch.no_grad():
+        shifted.c.add_(0.4)
+    return model, exact, shifted
+
+
+@pytest.fixture(scope="module")
+def exact_and_shifted_evaluations():
+    """Both guides evaluated with their gaps on 40 points of the model, in float64 on one thread,
+    and KL(q_B ‖ p(z|x)) per point in closed form."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, exact, shifted = exact_and_shifted_guides()
+        torch.manual_seed(0)
+        x = model.marginal().sample((40,)).detach()
+        settings = gaps.GapSettings(steps=400, lr=0.05, num_samples=500, batch_size=len(x))
+        evaluations = [evaluate(model.model, g.forward, x, 500, (), 50, batch_size=len(x), seed=0, gaps=settings, surgery=False)
+                       for g in (exact, shifted)]
+        mean, cov = (t.detach() for t in model.posterior(x))
+        L = shifted.L.detach().tril()
+        kl = kl_divergence(MultivariateNormal(x @ shifted.F.detach().T + shifted.c.detach(), L @ L.T),
+                           MultivariateNormal(mean, cov))
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+    return evaluations, kl
+
+
+@pytest.mark.parametrize("variant", ["correct", *GAP_BROKEN])
+def test_gap_differences_are_the_closed_form_kl_between_an_exact_and_a_shifted_encoder(
+        monkeypatch, exact_and_shifted_evaluations, variant):
+    """A − B: approximation gaps 0 − 0, amortization gaps 0 − KL(q_B ‖ p(z|x)), within the per-point
+    Monte Carlo standard errors (√Σ se_n² / N); A's amortization gap is the smaller at every point."""
+    if variant != "correct":
+        target, name, replace = GAP_BROKEN[variant]
+        monkeypatch.setattr(target, name, replace(getattr(target, name)))
+    evaluations, kl = exact_and_shifted_evaluations
+    a, b = (cmp.PointEvaluation.from_evaluation(e, 50) for e in evaluations)
+    assert kl.mean() > 0.5  # the oracle's premise: B's encoder misses by a clear margin
+    result = cmp.compare(a, b)
+    problems = []
+    for name, target in (("approximation", torch.zeros_like(kl)), ("amortization", -kl)):
+        se = (a.gaps[name].stderr ** 2 + b.gaps[name].stderr ** 2).sum().sqrt().item() / len(kl)
+        if abs(result.gaps[name].mean - target.mean().item()) > 4 * se + 1e-6:
+            problems.append(f"the {name} gap difference is not the closed form")
+        if not torch.allclose(result.gap_differences[name], a.gaps[name].value - b.gaps[name].value, rtol=0, atol=0):
+            problems.append(f"the per-point {name} differences are not A − B")
+    if result.gaps["amortization"].share_a_better != 1.0:
+        problems.append("A's amortization gap is not counted the smaller at every point")
+    if variant == "correct":
+        assert problems == []
+        assert result.summary()["gaps"]["amortization"]["mean"] == result.gaps["amortization"].mean
+    else:
+        assert problems, variant
+
+
+def paired(mean: float, se: float) -> cmp.PairedDifference:
+    return cmp.PairedDifference(mean, se, math.nan, 0.5)
+
+
+def comparison(log_px, approximation, amortization) -> cmp.Comparison:
+    """A − B made up: each argument (mean, paired s.e.)."""
+    zeros = torch.zeros(3)
+    return cmp.Comparison(paired(*log_px), paired(*log_px), zeros, zeros, zeros.bool(), ~zeros.bool(),
+                          {"approximation": paired(*approximation), "amortization": paired(*amortization)})
+
+
+READINGS = {  # (log p(x), approximation, amortization), A − B → the sentence
+    "b-better-amortization": (((-0.42, 0.05), (0.01, 0.02), (0.80, 0.06)),
+                              "B's better log p(x) (by 0.42 ± 0.05 nats per point) comes with a smaller amortization gap "
+                              "(by 0.80 ± 0.06): its encoder comes closer to the best q of its family at each point."),
+    "b-better-both": (((-1.0, 0.1), (0.3, 0.05), (0.5, 0.1)),
+                      "B's better log p(x) (by 1.00 ± 0.10 nats per point) comes with a smaller approximation gap "
+                      "(by 0.30 ± 0.05) and a smaller amortization gap (by 0.50 ± 0.10): its family of q comes closer "
+                      "to the posterior and its encoder comes closer to the best q of its family at each point."),
+    "a-better-model": (((0.5, 0.1), (0.0, 0.05), (0.05, 0.05)),
+                       "A's better log p(x) (by 0.50 ± 0.10 nats per point) does not come from a tighter bound: neither "
+                       "gap is smaller (approximation +0.00 ± 0.05, amortization +0.05 ± 0.05 for A); the model itself "
+                       "fits better."),
+    "same-a-tighter": (((0.05, 0.1), (-0.3, 0.05), (0.0, 0.1)),
+                       "A and B do not differ in log p(x) by more than 2 paired s.e. (+0.05 ± 0.10 nats per point); "
+                       "A's bound is tighter: a smaller approximation gap (by 0.30 ± 0.05)."),
+    "same-b-tighter": (((0.05, 0.1), (0.0, 0.05), (0.4, 0.1)),
+                       "A and B do not differ in log p(x) by more than 2 paired s.e. (+0.05 ± 0.10 nats per point); "
+                       "B's bound is tighter: a smaller amortization gap (by 0.40 ± 0.10)."),
+}
+
+
+@pytest.mark.parametrize("variant", ["correct", "broken-always-significant", "broken-never-significant"])
+def test_reading_says_which_gap_goes_with_the_better_log_px(monkeypatch, variant):
+    if variant != "correct":
+        monkeypatch.setattr(cmp, "significant", lambda d, z=2.0: variant == "broken-always-significant")
+    wrong = [case for case, (numbers, sentence) in READINGS.items() if cmp.reading("A", "B", comparison(*numbers)) != sentence]
+    if variant == "correct":
+        assert wrong == []
+    else:
+        assert wrong, variant
+    no_gaps = cmp.Comparison(paired(0, 1), paired(0, 1), torch.zeros(1), torch.zeros(1), torch.zeros(1).bool(),
+                             torch.ones(1).bool())
+    with pytest.raises(ValueError, match="no inference gaps"):
+        cmp.reading("A", "B", no_gaps)
+
+
+def test_cache_keeps_the_gaps_under_their_own_settings(tmp_path, float64):
+    model, exact, shifted = exact_and_shifted_guides()
+    torch.manual_seed(0)
+    x = model.marginal().sample((5,)).detach()
+    settings = gaps.GapSettings(steps=10, num_samples=20)
+    evaluation = cmp.PointEvaluation.from_evaluation(
+        evaluate(model.model, shifted.forward, x, 20, (), 5, seed=0, gaps=settings, surgery=False), 5)
+    (tmp_path / "checkpoint.pt").write_bytes(b"weights")
+    plain = cmp.cache_key("test", 20, 5, None, 0, tmp_path / "checkpoint.pt")
+    with_gaps = cmp.cache_key("test", 20, 5, None, 0, tmp_path / "checkpoint.pt", gaps=dataclasses.asdict(settings))
+    other = cmp.cache_key("test", 20, 5, None, 0, tmp_path / "checkpoint.pt",
+                          gaps=dataclasses.asdict(dataclasses.replace(settings, steps=11)))
+    assert len({cmp.cache_path(tmp_path, k) for k in (plain, with_gaps, other)}) == 3
+    cmp.store_cached(tmp_path, with_gaps, "points", evaluation)
+    back = cmp.load_cached(tmp_path, with_gaps, "points")
+    for name in cmp.GAP_NAMES:
+        torch.testing.assert_close(back.gaps[name].value, evaluation.gaps[name].value, rtol=0, atol=0)
+        torch.testing.assert_close(back.gaps[name].stderr, evaluation.gaps[name].stderr, rtol=0, atol=0)
+    assert cmp.load_cached(tmp_path, plain, "points") is None and cmp.load_cached(tmp_path, other, "points") is None
+    cmp.store_cached(tmp_path, plain, "points", evaluation)  # the plain entry does not remove the gaps' entry
+    assert cmp.load_cached(tmp_path, with_gaps, "points") is not None
 
 
 def test_unreliable_points_are_those_above_the_threshold_in_either_run():
