@@ -6,7 +6,9 @@ models is exact; with a guide that is not the posterior, the estimate of the mea
 differs from the exact one by Monte Carlo error only, measured by the estimates' own standard errors.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import re
@@ -469,3 +471,87 @@ def test_compare_refuses_bad_options_in_one_line(runs, capsys, count_evaluations
     assert main(argv) == 2
     assert_one_line_error(capsys.readouterr().err, pattern)
     assert count_evaluations == []
+
+
+# ---------------------------------------------------------------- compare --gaps
+
+GAP_FAST = ["--gaps", "--gap-steps", "60", "--gap-samples", "30"]
+GAP_ROW = r"^{} gap .*?\s(-?\d+\.\d{{3}})\s+(\d+\.\d{{3}})\s+(\d+\.\d{{3}})\s+(\d+\.\d)%$"  # difference, s.e.s, share
+
+
+@pytest.fixture(scope="module")
+def compared_gaps(runs, tmp_path_factory):
+    """``compare A B --gaps`` (printed output, JSON) and ``evaluate --gaps`` of B and of C with the same options."""
+    folder = tmp_path_factory.mktemp("compare-gaps")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert main(["compare", str(runs["a"]), str(runs["b"]), *FAST, *GAP_FAST, "--json", str(folder / "compare.json")]) == 0
+        evaluated = {}
+        for name in "bc":
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert main(["evaluate", str(runs[name]), *FAST, *GAP_FAST, "--json", str(folder / f"{name}.json"),
+                             "--gaps-plot", str(folder / f"{name}.png")]) == 0
+            evaluated[name] = json.loads((folder / f"{name}.json").read_text())["per_point"]
+    finally:
+        torch.set_num_threads(threads)
+    return printed.getvalue(), json.loads((folder / "compare.json").read_text()), evaluated
+
+
+def from_json(run: dict) -> cmp.PointEvaluation:
+    """A run's per-point values as the comparison read them (standard errors left out: zeros)."""
+    def e(key):
+        return estimate(run["per_point"][key])
+
+    return cmp.PointEvaluation(30, 100, e("log_px"), e("elbo"), torch.tensor(run["per_point"]["khat"], dtype=torch.float64),
+                               {name: e(f"{name}_gap") for name in cmp.GAP_NAMES})
+
+
+def compare_gaps_problems(printed: str, result: dict, evaluated_b: dict) -> list[str]:
+    pair, (a, b) = result["pairs"][0], result["runs"]
+    problems = []
+    for name in cmp.GAP_NAMES:
+        d = np.subtract(a["per_point"][f"{name}_gap"], b["per_point"][f"{name}_gap"])
+        summary = pair["gaps"][name]
+        if not np.allclose(pair["per_point"][f"{name}_gap_difference"], d, rtol=0, atol=1e-12) \
+                or summary["mean"] != pytest.approx(d.mean(), abs=1e-12) \
+                or summary["paired_se"] != pytest.approx(d.std(ddof=1) / math.sqrt(40)) \
+                or summary["share_a_better"] != pytest.approx(np.mean(d < 0) + 0.5 * np.mean(d == 0)):
+            problems.append(f"the {name} gap's paired difference is not that of the runs' per-point gaps")
+        row = re.search(GAP_ROW.format(name), printed, re.M)
+        if row is None or tuple(map(float, row.groups()[:3])) != pytest.approx(
+                (summary["mean"], summary["paired_se"], summary["unpaired_se"]), abs=5e-4):
+            problems.append(f"the printed {name} gap row is not the JSON's")
+        if not np.allclose(b["per_point"][f"{name}_gap"], evaluated_b[f"{name}_gap"], rtol=1e-12, atol=1e-12):
+            problems.append(f"B's {name} gaps differ from pyrovae evaluate --gaps")
+    sentence = cmp.reading("A", "B", cmp.compare(from_json(a), from_json(b)))
+    if pair["reading"] != sentence or f"\n{sentence}\n" not in printed:
+        problems.append("the reading is not the sentence of the per-point numbers")
+    return problems
+
+
+@pytest.mark.slow  # four digits runs trained, then 40 points evaluated four times with q* fitted
+@pytest.mark.parametrize("variant", ["correct", "broken-swapped-gaps", "broken-other-run"])
+def test_compare_gaps_command_differences_match_each_run_evaluated_alone(compared_gaps, runs, capsys, variant):
+    printed, result, evaluated = compared_gaps
+    result = json.loads(json.dumps(result))
+    if variant == "broken-swapped-gaps":
+        p = result["runs"][1]["per_point"]
+        p["approximation_gap"], p["amortization_gap"] = p["amortization_gap"], p["approximation_gap"]
+    problems = compare_gaps_problems(printed, result, evaluated["c" if variant == "broken-other-run" else "b"])
+    if variant != "correct":
+        assert problems, variant
+        return
+    assert problems == []
+    assert re.search(r"^for a gap, A better: A's gap smaller at that point$", printed, re.M)
+    assert result["settings"]["gaps"]["steps"] == 60
+    # the second time both evaluations, gaps included, come from the cache; without --gaps they are other evaluations
+    args = ["compare", str(runs["a"]), str(runs["b"]), *FAST]
+    assert main([*args, *GAP_FAST]) == 0
+    again = capsys.readouterr().out
+    assert again.count("(from ") == 2 and "-g" in again and result["pairs"][0]["reading"] in again
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert "amortization gap" not in plain and "-g" not in plain  # the plain evaluations, not the gaps' cache
