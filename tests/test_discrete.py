@@ -9,6 +9,7 @@ model whose log p(x) is a finite sum. Each check is shown to fail on a broken va
 import itertools
 import logging
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyro
@@ -23,6 +24,7 @@ from pyrovae.errors import ContractError, PyrovaeError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C, D, P = 3, 2, 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mixture_parameters():
@@ -363,3 +365,40 @@ def test_fit_trains_an_enumerated_model_eagerly_and_says_so(caplog):
     assert "capture: not for a model with discrete latent sites (c); training eagerly" in caplog.text
     assert "TraceEnum_ELBO (enumerated: c)" in caplog.text
     assert history[-1]["test_elbo"] > history[0]["test_elbo"]
+
+
+# the example model files
+
+
+def test_enumerated_mixture_example_is_the_built_in_mixture_prior(float64):
+    """examples/models/enumerated_mixture.py with the built-in ``MixturePrior``'s parameters gives its
+    log-weights on the same draws: the component summed out is the ``MixtureSameFamily``."""
+    from pyrovae.models import MixturePrior
+
+    from pyrovae import factory
+
+    module = factory.load(f"{ROOT}/examples/models/enumerated_mixture.py:mixture_vae")(16, components=3, latent_dim=2, hidden=(8,)).double()
+    x = binary_points(5).repeat(1, 4)
+    built_in = MixturePrior(2, 3).double()
+    built_in.load_state_dict(module.prior.state_dict())
+    pyro.set_rng_seed(3)
+    enumerated = evidence.log_weights(module.model, module.guide, x, 50).log_w
+    module.prior = built_in
+    pyro.set_rng_seed(3)
+    assert torch.allclose(enumerated, evidence.log_weights(module.model, module.guide, x, 50).log_w, rtol=0, atol=1e-10)
+
+
+def test_pyro_ss_vae_example_keeps_the_contract_and_trains_by_enumeration():
+    """Pyro's ss_vae_M2 model and guide as adapted: TraceEnum_ELBO on unlabelled batches, the
+    example's classifier loss as the observed site ``y_aux`` on labelled ones."""
+    from pyrovae import factory
+    from pyrovae.data import Labelled
+
+    module = factory.load(f"{ROOT}/examples/models/ss_vae_m2.py:ss_vae")(16, num_classes=3, z_dim=2, hidden_layers=[8])
+    x = binary_points(6).repeat(1, 4).float()
+    assert contract.check(module.model, module.guide, x).enumerated == ("y",)
+    loss_fn = objectives.loss("elbo", module.model, module.guide)
+    assert torch.isfinite(loss_fn(x)) and torch.isfinite(loss_fn(Labelled(x, torch.tensor([0, 1, 2, 0, 1, 2]))))
+    assert loss_fn.estimators == {((), ()): "TraceEnum_ELBO (enumerated: y)", ((False,), ()): "Trace_ELBO"}
+    terms = evidence.log_weights(module.model, module.guide, x, 10)
+    assert set(terms.log_likelihood) == {"x"} and terms.kl_method["y"] == "not applicable: p(y | ·) may depend on z, which the guide draws after y"
