@@ -33,9 +33,12 @@ transitions, whose weights are discarded. The M estimating chains share the adap
 the tuning chains their weights are independent with E[w_m] = p(x), log p̂(x) is a stochastic lower
 bound (E log p̂(x) ≤ log p(x)), and the delta-method standard error across chains is the right one.
 
-Speed: when a pass evaluates the density often enough (``capture="auto"``), the density is traced
-once per pass into a graph of tensor operations (:func:`pyrovae.annealing.captured_density`) and
-replayed, checked against the eager evaluation before use.
+Speed: when a pass evaluates the density often enough (``capture="auto"``), the whole HMC
+transition — momentum draw, leapfrog steps with the model's and guide's log-densities and their
+gradients, accept test — is traced into one graph of tensor operations
+(:class:`pyrovae.hmc.CapturedTransition`), checked against the eager transition on its first call
+(same draws), and replayed for every transition of every pass of that shape, in this call and later
+ones (the graph reads each pass's points from its own buffer).
 
 BDMC (Grosse, Ghahramani & Adams 2015) brackets log p(x) on data simulated from the model, where an
 exact posterior sample is known: (z, x) ~ p(z) p(x | z). Forward AIS gives the lower bound; reverse
@@ -55,7 +58,9 @@ References:
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -63,15 +68,18 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from . import contract, estimators
+from . import contract, estimators, graphs
 from .annealing import SCHEDULES, AnnealingPath, Start, captured_density, linear_schedule, sigmoid_schedule
 from .context import fast_context
 from .diagnostics import effective_sample_size
 from .errors import ContractError, PyrovaeError
 from .estimators import Estimate
-from .hmc import State, hmc_transition
+from .hmc import CapturedTransition, State, hmc_transition
+from .params import trainable
 from .seeds import batch_seed
 from .traces import sample_sites
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 500  # T
 DEFAULT_CHAINS = 16  # M
@@ -95,12 +103,16 @@ class _Pass:
     step_sizes: torch.Tensor  # (T−1, B), the step size of each transition
 
 
+Move = Callable[[State, float, torch.Tensor], tuple[State, torch.Tensor]]  # (state, β, step size) → (state, acceptance)
+
+
 def _anneal(
-    density: Callable[[torch.Tensor], State], state: State, betas: torch.Tensor, num_leapfrog: int,
+    move: Move, state: State, betas: torch.Tensor,
     step_size: torch.Tensor, tune: slice | None = None, step_sizes: torch.Tensor | None = None,
     target_accept: float = TARGET_ACCEPT, on_step: Callable[[], None] | None = None,
 ) -> _Pass:
-    """Run the chains from ``state`` along ``betas`` (forward 0 → 1, or reverse 1 → 0).
+    """Run the chains from ``state`` along ``betas`` (forward 0 → 1, or reverse 1 → 0), each
+    transition made by ``move`` (:func:`pyrovae.hmc.hmc_transition` or its captured graph).
 
     The step size starts at ``step_size`` (B,) and, if ``tune`` is given, is adapted after each
     transition from the mean acceptance probability of the chains ``[tune]`` (see the module
@@ -121,7 +133,7 @@ def _anneal(
         if step_sizes is not None:
             eps = step_sizes[t - 1]
         used.append(eps)
-        state, accept = hmc_transition(state, density, betas[t], eps.to(u.dtype), num_leapfrog)
+        state, accept = move(state, betas[t], eps.to(u.dtype))
         accept_sum += accept
         if tune is not None:
             eps = torch.where(accept[tune].mean(0) > target_accept, eps * ADAPT_FACTOR, eps / ADAPT_FACTOR)
@@ -262,7 +274,7 @@ class AISSettings:
         schedule: β_0 … β_T: ``"sigmoid"`` (Wu et al. 2017), ``"linear"``, or T + 1 values from 0 to 1.
         start: f_0, ``"guide"`` (q(z | x)) or ``"prior"`` (p(z)).
         batch_size: points per pass (default: as many as fit ``PASS_SIZE`` chains).
-        capture: replay the log-density as a traced graph (:func:`pyrovae.annealing.captured_density`);
+        capture: replay the HMC transition as a traced graph (:class:`pyrovae.hmc.CapturedTransition`);
             ``"auto"`` does so where a pass evaluates it often enough to pay for the tracing.
     """
 
@@ -276,7 +288,7 @@ class AISSettings:
     schedule: str | torch.Tensor = "sigmoid"  # "sigmoid", "linear", or T + 1 values from 0 to 1
     start: Start = "guide"  # f_0: the guide q(z | x) or the prior p(z)
     batch_size: int | None = None  # points per pass; default: as many as fit PASS_SIZE chains
-    capture: bool | Literal["auto"] = "auto"  # replay the log-density as a traced graph (annealing.captured_density); "auto": when
+    capture: bool | Literal["auto"] = "auto"  # replay the HMC transition as a traced graph (hmc.CapturedTransition); "auto": when
     # a pass evaluates it at least CAPTURE_MIN_EVALUATIONS times, so that tracing (≈ 0.15 s; ≈ 2 s the first time in a process) pays
 
     def check(self) -> None:
@@ -404,10 +416,71 @@ def simulate(model: Callable, x: torch.Tensor, *args) -> tuple[torch.Tensor, dic
     return x_sim.to(x.dtype), latents
 
 
-def _start(path: AnnealingPath, u: torch.Tensor, capture: bool) -> tuple[Callable[[torch.Tensor], State], State]:
-    """The chains' first state at u, and the density function to move them with."""
-    state = path(u)
-    return (captured_density(path, state) if capture else path), state
+CACHE_SIZE = 8  # captured transitions kept across passes and calls
+_CAPTURES: OrderedDict[tuple, tuple[torch.Tensor, CapturedTransition | None]] = OrderedDict()  # key → (data buffer, transition)
+
+
+def _pass(model, guide, x: torch.Tensor, chains: int, s: AISSettings, args, beta: float, step_size: torch.Tensor,
+          start_at: Callable[[AnnealingPath], torch.Tensor] | None = None) -> tuple[AnnealingPath, State, Move]:
+    """The annealing path of one pass over x with ``chains`` chains per point, the chains' first
+    state (at ``start_at(path)``, default the path's initial draws) and the transition that moves them.
+
+    Captured (``s.capturing``), the whole transition is one graph (:class:`pyrovae.hmc.CapturedTransition`),
+    traced for the first pass of its shape and kept (the last :data:`CACHE_SIZE`), keyed by the model,
+    the guide, the shapes and the parameters' identities: the path reads x from a buffer of the
+    graph, into which a later pass of the same shape copies its points before the parts computed once
+    are recomputed. Where tracing fails, the transition runs eagerly on the traced density when that
+    can be captured (:func:`pyrovae.annealing.captured_density`), else on Pyro's."""
+    key = None
+    if s.capturing:
+        with graphs.preserved_rng([x]):  # finding the parameters runs the guide: give its draws back
+            leaves = trainable(model, guide, x[:1], *args)
+        key = (model, guide, s.start, chains, s.num_leapfrog, tuple(x.shape), x.dtype, x.device, torch.get_default_dtype(),
+               tuple(id(a) if isinstance(a, torch.Tensor) else a for a in args), tuple(id(p) for p in leaves.values()))
+    hit = _CAPTURES.get(key) if key is not None else None
+    if hit is not None:
+        _CAPTURES.move_to_end(key)
+        buffer, transition = hit
+        buffer.copy_(x)
+    else:
+        buffer, transition = x.detach().clone(), None
+    path = AnnealingPath(model, guide, buffer, chains, s.start, args, {})
+    state = path(path.initial if start_at is None else start_at(path))
+    step_size = step_size.to(state.u.dtype)
+    if not s.capturing:
+        return path, state, lambda st, b, eps: hmc_transition(st, path, b, eps, s.num_leapfrog)
+    if hit is not None:
+        if transition is not None:
+            transition.refold()
+            return path, state, transition
+        return path, state, lambda st, b, eps: hmc_transition(st, path, b, eps, s.num_leapfrog)
+    try:
+        transition = CapturedTransition(path, state, beta, step_size, s.num_leapfrog)
+    except Exception as e:  # an operation make_fx cannot trace, data-dependent control flow
+        log.warning("tracing the HMC transition failed (%s: %s); continuing without tracing it", type(e).__name__, e)
+        density = captured_density(path, state)
+        def move(st, b, eps):
+            return hmc_transition(st, density, b, eps, s.num_leapfrog)
+    else:
+        move = transition
+    if key is not None:
+        _CAPTURES[key] = (buffer, transition)
+        while len(_CAPTURES) > CACHE_SIZE:
+            _CAPTURES.popitem(last=False)
+    return path, state, move
+
+
+def _checked_out(move: Move) -> None:
+    """Forget a captured transition whose check failed, so that later passes do not use it."""
+    if isinstance(move, CapturedTransition) and move.failure is not None:
+        for key, (_, transition) in list(_CAPTURES.items()):
+            if transition is move:
+                _CAPTURES[key] = (_CAPTURES[key][0], None)
+
+
+def clear_cache() -> None:
+    """Forget every kept transition graph (they hold references to models, guides and parameters)."""
+    _CAPTURES.clear()
 
 
 def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | None, progress: bool,
@@ -436,10 +509,11 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
                 torch.manual_seed(batch_seed(seed, first_row + begin, *AIS_STREAM))
             on_step = (lambda: bar.update(B / (s.num_steps - 1))) if progress else None
             eps0 = torch.full((B,), float(s.step_size), dtype=torch.float64, device=x.device)
-            path = AnnealingPath(model, guide, xb, C, s.start, args, {})
-            density, state = _start(path, path.initial, s.capturing)
-            forward = _anneal(density, state, betas, s.num_leapfrog, eps0, slice(M, C) if s.adapting else None,
+            first_beta = float(betas[1]) if s.num_steps > 1 else 1.0
+            _, state, move = _pass(model, guide, xb, C, s, args, first_beta, eps0)
+            forward = _anneal(move, state, betas, eps0, slice(M, C) if s.adapting else None,
                               target_accept=s.target_accept, on_step=on_step)
+            _checked_out(move)
             out["log_w"].append(forward.log_w[:M].cpu())
             out["accept"].append(forward.accept[:M].mean(0).cpu())
             out["step"].append((forward.step_sizes.mean(0) if s.num_steps > 1 else eps0).cpu())
@@ -447,11 +521,11 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
                 bar.update(B * passes)
             if latents is None:
                 continue
-            path = AnnealingPath(model, guide, xb, M, s.start, args, {})
-            exact = path.to_unconstrained({name: value[rows] for name, value in latents.items()})
-            density, state = _start(path, exact, s.capturing)
-            reverse = _anneal(density, state, betas.flip(0), s.num_leapfrog, eps0,
-                              step_sizes=forward.step_sizes.flip(0), on_step=on_step)
+            exact = {name: value[rows] for name, value in latents.items()}
+            _, state, move = _pass(model, guide, xb, M, s, args, float(betas.flip(0)[1]) if s.num_steps > 1 else 0.0,
+                                   eps0, lambda p, exact=exact: p.to_unconstrained(exact))
+            reverse = _anneal(move, state, betas.flip(0), eps0, step_sizes=forward.step_sizes.flip(0), on_step=on_step)
+            _checked_out(move)
             out["log_w_rev"].append(reverse.log_w.cpu())
             out["accept_rev"].append(reverse.accept.mean(0).cpu())
     info = dict(num_steps=s.num_steps, num_chains=M, num_leapfrog=s.num_leapfrog, start=s.start)

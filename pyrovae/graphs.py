@@ -173,6 +173,19 @@ def fold_constants(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return split_const_subgraphs(graph_module)
 
 
+def refold(graph_module: torch.fx.GraphModule) -> None:
+    """Recompute, in place, the parts of a :func:`fold_constants` graph that depend on no input,
+    after tensors they read (data, parameters) changed in place; nothing if it has not run yet."""
+    subgraph = getattr(graph_module, "const_subgraph_module", None)
+    if subgraph is None or not getattr(graph_module, "has_folding_been_run", False):
+        return
+    folded = getattr(graph_module, graph_module.fx_const_folded_attrs_name)
+    values = subgraph()
+    with torch.no_grad():
+        for kept, value in zip(folded if isinstance(values, tuple) else [folded], values if isinstance(values, tuple) else [values]):
+            kept.copy_(value)
+
+
 def replay(graph: torch.fx.GraphModule, mode: str, inputs: Sequence[torch.Tensor], live: Sequence[torch.Tensor] = (),
            what: str = "graph", eager_noise: bool = False) -> Callable[..., Any]:
     """A function of the inputs that replays ``graph`` in ``mode`` (see the module docstring).
@@ -244,5 +257,5 @@ def cuda_graph(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], live
     return run
 
 
-__all__ = ["MODES", "compiled", "cuda_graph", "fold_constants", "one_fake_mode", "preserved_rng", "replay", "rng_states",
+__all__ = ["MODES", "compiled", "cuda_graph", "fold_constants", "one_fake_mode", "preserved_rng", "refold", "replay", "rng_states",
            "same_rng_states", "simplify", "trace"]

@@ -7,16 +7,27 @@ u ↦ State (:class:`pyrovae.annealing.AnnealingPath`). One transition (Neal 201
 v ~ N(0, I) drawn afresh, L leapfrog steps of the Hamiltonian H(u, v) = −log f_β(u) + ½ |v|²,
 a Metropolis test per chain with probability min(1, e^{−ΔH}). It leaves f_β invariant.
 
+:class:`CapturedTransition` is the whole transition — the momentum draw, the L leapfrog steps with
+their density evaluations (model, guide, log-densities and both backward passes), the energies and
+the accept test — traced once into one graph of tensor operations (:mod:`pyrovae.graphs`), with
+what depends on no input (the encoder on x, transposed weights) computed once per refolding, and
+replayed op by op with fresh noise from torch's generator, drawn in the eager order.
+
 References:
     R. M. Neal (2011). MCMC using Hamiltonian dynamics. Handbook of MCMC, ch. 5.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, NamedTuple
 
 import torch
+
+from . import graphs
+
+log = logging.getLogger(__name__)
 
 
 class State(NamedTuple):
@@ -64,4 +75,64 @@ def hmc_transition(
     return _where(accept, s, state), log_accept.exp()
 
 
-__all__ = ["State", "hmc_transition"]
+def same_state(a: tuple, b: tuple, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
+    """Whether two tuples of tensors agree within float tolerance, nan where nan."""
+    return all(torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True) for x, y in zip(a, b))
+
+
+class CapturedTransition:
+    """:func:`hmc_transition` with ``density`` and ``num_leapfrog`` traced once, at ``state``, β and
+    step size (the graph's inputs: the five tensors of the state, β as a 0-d tensor, the step size),
+    and replayed. Tracing draws nothing. The first call is checked: the graph is replayed and the
+    eager transition run on the same draws (torch's generator reset between the two); if they
+    disagree, or drew different amounts of noise, this and every later call run eagerly (``failure``
+    says why, after one logged line). The first call returns the eager result.
+
+    ``refold()`` recomputes the parts computed once (after the data or the parameters the density
+    reads have been changed in place). Raises what ``make_fx`` raises when the transition cannot be
+    traced."""
+
+    def __init__(self, density: Callable[[torch.Tensor], State], state: State, beta: float, step_size: torch.Tensor,
+                 num_leapfrog: int):
+        self.density, self.num_leapfrog = density, num_leapfrog
+        self.checked, self.failure = False, None
+
+        def transition(*inputs):
+            new, accept = hmc_transition(State(*inputs[:5]), density, inputs[5], inputs[6], num_leapfrog)
+            return (*new, accept)
+
+        self.graph = graphs.fold_constants(graphs.trace(transition, *state, self._beta(beta, state), step_size))
+
+    @staticmethod
+    def _beta(beta: float, state: State) -> torch.Tensor:
+        return torch.tensor(beta, dtype=state.u.dtype, device=state.u.device)
+
+    def refold(self) -> None:
+        graphs.refold(self.graph)
+
+    def __call__(self, state: State, beta: float, step_size: torch.Tensor) -> tuple[State, torch.Tensor]:
+        if self.failure is not None:
+            return hmc_transition(state, self.density, beta, step_size, self.num_leapfrog)
+        inputs = (*state, self._beta(beta, state), step_size)
+        if not self.checked:
+            return self._check(inputs, state, beta, step_size)
+        with torch.no_grad():
+            *new, accept = self.graph(*inputs)
+        return State(*new), accept
+
+    def _check(self, inputs: tuple, state: State, beta: float, step_size: torch.Tensor) -> tuple[State, torch.Tensor]:
+        self.checked = True
+        with graphs.preserved_rng(inputs), torch.no_grad():
+            replayed = tuple(t.clone() for t in self.graph(*inputs))
+            drawn = graphs.rng_states(inputs)
+        new, accept = hmc_transition(state, self.density, beta, step_size, self.num_leapfrog)
+        if not same_state(replayed, (*new, accept)):
+            self.failure = "the traced transition differs from the eager one (Python control flow that depends on the values?)"
+        elif not graphs.same_rng_states(drawn, graphs.rng_states(inputs)):
+            self.failure = "the traced transition drew a different amount of noise than the eager one"
+        if self.failure is not None:
+            log.warning("%s; continuing without tracing", self.failure)
+        return new, accept
+
+
+__all__ = ["CapturedTransition", "State", "hmc_transition", "same_state"]

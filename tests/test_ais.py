@@ -18,7 +18,11 @@ import torch
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
+from pyrovae import ais as ais_module, graphs
 from pyrovae.ais import AISSettings, State, ais, bdmc, hmc_transition, sigmoid_schedule, simulate
+from pyrovae.annealing import AnnealingPath
+from pyrovae.context import fast_context
+from pyrovae.hmc import CapturedTransition
 from pyrovae.cli.main import main
 from pyrovae.errors import ContractError, PyrovaeError
 from pyrovae.estimators import log_px as is_log_px
@@ -258,6 +262,75 @@ def test_capture_replays_the_eager_density(float64, kind, variant):
     assert calls[False, 16] - calls[False, 8] == 8 * 2  # eager: one model run per leapfrog step
     captured = calls[True, 16] == calls[True, 8] and calls[True, 8] < calls[False, 8]
     assert captured == (variant == "correct"), calls
+
+
+def vae_and_points(n=4, seed=0):
+    torch.manual_seed(seed)
+    module = build_vae(VAEConfig(16, latent_dim=2, hidden=(8,))).double()
+    return module, torch.bernoulli(torch.full((n, 16), 0.3))
+
+
+@pytest.mark.parametrize("variant", ["correct", "graph-off-by-1e-3", "graph-draws-more"])
+def test_the_captured_transition_is_the_eager_one_number_for_number(float64, monkeypatch, variant):
+    """The whole HMC transition as one graph (momentum, leapfrog steps with the model's density and its
+    gradients, accept test): from the same state and generator state, the same new state, acceptance
+    and draws as hmc_transition on Pyro's programs, call after call; fresh noise on each replay. The
+    first call's check is shown to fail on a graph whose outputs are off, or which draws once more."""
+    module, x = vae_and_points()
+    with fast_context():
+        path = AnnealingPath(module.model, module.guide, x, 3, "guide", (), {})
+        state = path(path.initial)
+        eps = torch.full((4,), 0.2)
+        captured = CapturedTransition(path, state, 0.5, eps, 3)
+        if variant != "correct":
+            graph = captured.graph
+
+            def broken(*inputs):
+                out = graph(*inputs)
+                if variant == "graph-draws-more":
+                    torch.rand(1)
+                    return out
+                return (out[0] + 1e-3, *out[1:])
+
+            captured.graph = broken
+        states = []
+        for call in range(3):
+            pyro.set_rng_seed(call)
+            new, accept = captured(state, 0.5, eps)
+            after = torch.get_rng_state()
+            pyro.set_rng_seed(call)
+            expected, expected_accept = hmc_transition(state, path, 0.5, eps, 3)
+            assert torch.equal(after, torch.get_rng_state())
+            for a, b in zip((*new, accept), (*expected, expected_accept)):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+            states.append(new.u)
+    assert not torch.equal(states[1], states[2])  # fresh momenta
+    assert (captured.failure is None) == (variant == "correct"), captured.failure
+
+
+def test_a_captured_transition_is_kept_across_passes_and_calls(float64, monkeypatch):
+    """One trace for every pass of one shape, in one call and the next (the path reads each pass's
+    points from the graph's buffer, the parts computed once recomputed): the same log-weights as the
+    eager transitions, number for number, on other points; a pass of another shape is traced anew."""
+    traced = []
+    real_trace = graphs.trace
+    monkeypatch.setattr(graphs, "trace", lambda fn, *inputs, **k: traced.append(tuple(inputs[0].shape)) or real_trace(fn, *inputs, **k))
+    ais_module.clear_cache()
+    module, x = vae_and_points(n=10)
+    options = {"num_steps": 4, "num_chains": 2, "num_leapfrog": 2, "batch_size": 4}
+    results = {}
+    for capture in (True, False):
+        for rows in (slice(0, 8), slice(2, 10)):  # passes of 4, 4 points; a second call on other points
+            pyro.set_rng_seed(7)
+            results[capture, rows.start] = ais(module.model, module.guide, x[rows], capture=capture, **options)
+        pyro.set_rng_seed(7)
+        results[capture, "odd"] = ais(module.model, module.guide, x[:6], capture=capture, **options)  # passes of 4 and 2
+    for key in (0, 2, "odd"):
+        torch.testing.assert_close(results[True, key].log_w, results[False, key].log_w, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(results[True, key].accept, results[False, key].accept, rtol=1e-10, atol=1e-10)
+    C = 2 + ais_module.TUNE_CHAINS
+    assert traced == [(C, 4, 2), (C, 2, 2)]  # the transition's u: (chains, points, latent dims)
+    ais_module.clear_cache()
 
 
 # ---------------------------------------------------------------- against the exact evidence
