@@ -206,8 +206,7 @@ class Loss:
         if key not in self._discrete:
             devices = [x.device] if x.device.type == "cuda" else []  # the trace's draws leave the random streams as they were
             with torch.random.fork_rng(devices=devices), torch.no_grad(), pyro.validation_enabled(False), poutine.block():
-                guide_trace, model_trace = contract_traces(self.model, self.guide, x[:2], *(a[:2] if torch.is_tensor(a) else a for a in args),
-                                                           **{k: v[:2] if torch.is_tensor(v) else v for k, v in kwargs.items()})
+                guide_trace, model_trace = contract_traces(self.model, self.guide, x, *args, **kwargs)
             found = discrete_sites(model_trace, guide_trace)
             check_objective(self.objective, found)
             self._discrete[key] = found
