@@ -85,6 +85,7 @@ from .traces import latent_values, particle_traces, sample_sites, unscaled_log_p
 GAPS_STREAM, SURGERY_STREAM = (0, 4), (0, 5)  # keys of their draws under a seed (see pyrovae.seeds.batch_seed)
 CONVERGENCE_WINDOW = 0.1  # the share of the steps in each window of the convergence check
 RISE_TOLERANCE = 0.01  # nats: a rise below this is not counted as "still rising"
+SATURATION = 0.05  # nats: I_q closer than this to its bound log N is reported as at its bound
 
 
 # ---------------------------------------------------------------- the families
@@ -624,8 +625,18 @@ class Surgery:
         notes = [f"ELBO surgery (Hoffman & Johnson 2016) over the {self.num_points} points, q(z) their aggregate posterior: "
                  f"I_q ≤ log N = {self.max_mutual_information:.2f}, biased low as an estimate of the population's"]
         notes += [f"  {site}: {s.note}" for site, s in self.sites.items() if s.note]
+        notes += [f"  {site}: I_q(x; {site}) is at its bound log N: the code tells these {self.num_points} points apart, "
+                  f"it carries at least {self.max_mutual_information:.2f} nats and KL(q({site}) ‖ p({site})) is overstated "
+                  "by the rest; more points raise the bound (the cost grows as N²)"
+                  for site in self.saturated()]
         notes += [f"  {site}: no ELBO surgery, {why}" for site, why in self.skipped.items()]
         return notes
+
+    def saturated(self) -> list[str]:
+        """The sites whose I_q is within ``SATURATION`` nats of log N: the estimate is at its ceiling,
+        and the code's information about x may be far above it."""
+        return [site for site, s in self.sites.items()
+                if s.mutual_information.value.mean().item() > self.max_mutual_information - SATURATION]
 
 
 def surgery(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 10, batch_size: int = 256,

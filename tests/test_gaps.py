@@ -391,6 +391,29 @@ def test_surgery_finds_the_known_mutual_information(monkeypatch, variant, guide_
         assert site.active_units == 2 and site.dims == 2
 
 
+@pytest.mark.parametrize("variant", ["correct", "log-sum"])
+def test_surgery_says_when_the_information_is_at_its_bound(monkeypatch, variant):
+    """An encoder whose q(z|x) is far narrower than the spread of its means tells the N points apart:
+    I_q ≈ log N, reported as the estimate's ceiling; the exact posterior (I_q ≈ 0.6 nats) is not."""
+    apply(monkeypatch, variant)
+    model = correlated_ppca()
+    x = data(model, 50)
+    sharp = LinearGaussianGuide(P, model.sites).set_exact_posterior(model)
+    with torch.no_grad():
+        sharp.F.mul_(20.0)
+        sharp.L.mul_(0.05)
+    at_bound = gaps.surgery(model.model, sharp.forward, x, num_particles=2)
+    below = gaps.surgery(model.model, LinearGaussianGuide(P, model.sites).set_exact_posterior(model).forward, x, num_particles=2)
+    problems = []
+    if at_bound.saturated() != ["z"] or not any("at its bound log N" in line for line in at_bound.notes()):
+        problems.append("the information at its bound is not reported")
+    if below.saturated() != [] or any("at its bound" in line for line in below.notes()):
+        problems.append("information below its bound reported at it")
+    check(variant, problems, "information")
+    if variant == "correct":
+        assert at_bound.sites["z"].mutual_information.value.mean() == pytest.approx(math.log(50), abs=gaps.SATURATION)
+
+
 def test_surgery_skips_what_has_no_density():
     """Hierarchical model: the prior at z2 depends on z1, so only I_q is reported there; a guide
     site that depends on another latent sample has no q(z|x) of its own and is skipped."""
