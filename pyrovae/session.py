@@ -127,6 +127,8 @@ class TrainingSession:
         check_binarizable(data.train, d["binarize"])
         sample = data.train[:8] if d["binarize"] == "none" else static_binarized(data.train[:8], config.seed)
         contract.check(model.model, model.guide, sample.to(device), "the training data")
+        if d.get("labelled") and self.size > 1:
+            raise PyrovaeError("training with `labelled` runs in one process: its labelled and unlabelled batches are not sharded")
         if d.get("labelled"):  # semi-supervised: N labels kept, N/C per class (Kingma et al. 2014), the rest unlabelled
             n = min(d["labelled"], len(data.train))
             rows = torch.arange(len(data.train)) if n == len(data.train) else balanced_labelled(data.train_labels, n, config.seed)

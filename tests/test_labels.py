@@ -37,10 +37,24 @@ def test_npz_labels_are_loaded_and_split_with_their_rows(tmp_path):
         load_dataset(tmp_path / "bad.npz")
 
 
-def test_balanced_labelled_rows_are_n_over_c_per_class_and_fixed_by_the_seed():
+BALANCED = {  # name → the function under test
+    "correct": balanced_labelled,
+    "broken-first-rows": lambda labels, n, seed: torch.arange(n),
+    "broken-unshuffled-classes": lambda labels, n, seed: torch.arange(len(labels))[labels.argsort(stable=True)][:n].sort().values,
+}
+
+
+@pytest.mark.parametrize("variant", list(BALANCED))
+def test_balanced_labelled_rows_are_n_over_c_per_class(variant):
+    labels = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(0))
+    rows = BALANCED[variant](labels, 100, 0)
+    counts = torch.bincount(labels[rows], minlength=10)
+    assert (len(rows.unique()) == 100 and torch.equal(counts, torch.full((10,), 10))) == (variant == "correct")
+
+
+def test_balanced_labelled_rows_are_fixed_by_the_seed():
     labels = torch.arange(1000) % 10
     rows = balanced_labelled(labels, 100, seed=0)
-    assert torch.equal(torch.bincount(labels[rows], minlength=10), torch.full((10,), 10))
     assert torch.equal(rows, balanced_labelled(labels, 100, seed=0))
     assert not torch.equal(rows, balanced_labelled(labels, 100, seed=1))
     assert torch.equal(torch.bincount(labels[balanced_labelled(labels, 23, 0)], minlength=10), torch.tensor([3, 3, 3] + [2] * 7))
@@ -54,13 +68,40 @@ def epoch_of(batches):
     return [(idx.clone(), (xb.x.clone(), xb.y.clone()) if isinstance(xb, Labelled) else xb.clone()) for idx, xb in batches]
 
 
-def test_labelled_batches_alternate_and_serve_every_unlabelled_row_once():
+class LabelsOfOtherRows(LabelledBatches):
+    """Broken: each labelled batch carries the labels of the next labelled rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.labels = self.labels.roll(1)
+
+
+class UnlabelledRowsTwice(LabelledBatches):
+    """Broken: the unlabelled stream is drawn with replacement."""
+
+    def __iter__(self):
+        for idx, xb in super().__iter__():
+            if not isinstance(xb, Labelled):
+                idx, xb = idx[:1].expand(len(idx)), xb[:1].expand(len(idx), -1)
+            yield idx, xb
+
+
+@pytest.mark.parametrize("kind", [LabelledBatches, LabelsOfOtherRows, UnlabelledRowsTwice], ids=["correct", "broken-labels-of-other-rows", "broken-unlabelled-rows-repeated"])
+def test_labelled_batches_alternate_and_serve_every_unlabelled_row_once(kind):
     n = 50
     x = torch.arange(n, dtype=torch.float32)[:, None].expand(n, 3).contiguous()
     labels = torch.arange(n) % 5
     labelled = torch.tensor([0, 7, 13, 21, 42])
-    batches = LabelledBatches(x, labels, labelled, batch_size=8, seed=3, labelled_batch_size=2)
+    batches = kind(x, labels, labelled, batch_size=8, seed=3, labelled_batch_size=2)
     epoch = epoch_of(batches)
+    if kind is not LabelledBatches:
+        with pytest.raises(AssertionError):
+            check_epoch(epoch, batches, labels, labelled, n)
+        return
+    check_epoch(epoch, batches, labels, labelled, n)
+
+
+def check_epoch(epoch, batches, labels, labelled, n):
     assert len(epoch) == len(batches) == 2 * math.ceil(45 / 8)
     unlabelled = torch.cat([idx for i, (idx, _) in enumerate(epoch) if i % 2 == 0])
     assert sorted(unlabelled.tolist()) == sorted(set(range(n)) - set(labelled.tolist()))
@@ -207,3 +248,19 @@ def test_train_labelled_refuses_a_data_set_without_labels_and_an_iwae_objective(
     err = capsys.readouterr().err
     assert "--objective iwae cannot sum out the enumerated discrete site 'y': use --objective elbo" in err
     assert err.count("\n") == 1
+
+
+def test_conditional_vae_trains_on_labels_alone_and_sums_y_out_in_evaluation():
+    """Every row labelled: every batch is ``Labelled`` and the loss goes down; log p(x) of unlabelled
+    points draws y from the uniform q (its log q in the weight), and the classifier report leaves it out."""
+    from pyrovae.train import TrainConfig, fit
+
+    module = small(cvae)
+    x, labels = binary(60), torch.arange(60) % 3
+    batches = LabelledBatches(x, labels, torch.arange(60), batch_size=20, seed=0)
+    assert all(isinstance(xb, Labelled) for _, xb in batches)
+    history = fit(module, batches, TrainConfig(epochs=4, batch_size=20, lr=0.02), test_x=x, progress=False)
+    assert history[-1]["test_elbo"] > history[0]["test_elbo"]
+    terms = evidence.log_weights(module.model, module.guide, x, 30)
+    assert torch.allclose(terms.log_q["y"], torch.full((30, 60), -math.log(3)))
+    assert terms.kl_method["y"] == "analytic" and torch.allclose(terms.kl_analytic["y"], torch.zeros(30, 60), atol=1e-6)

@@ -99,7 +99,8 @@ def add_parser(sub) -> None:
                    "its ELBO picks best.pt, early stopping and the plateau schedule; the test set decides nothing (default: 0.1)")
     g.add_argument("--binarize", choices=BINARIZATIONS, help="pixel binarization (default: dynamic where the observed site is binary, else none)")
     g.add_argument("--labelled", type=positive(int), metavar="N", help="semi-supervised: keep the labels of N training points, "
-                   "N/C from each of the C classes, the others unlabelled; the model is called model(x, y) on labelled batches "
+                   "N/C from each of the C classes, the others unlabelled (N at least the training rows: all labelled, as a conditional VAE "
+                   "trains); the model is called model(x, y) on labelled batches "
                    f"(default model with it: {LABELLED_MODEL}, the M2 VAE)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"model factory, FILE.py:NAME or package.module:NAME (default: {factory.BUILTIN})")
