@@ -465,7 +465,8 @@ def test_compare_refuses_runs_evaluated_on_other_points(runs, capsys, count_eval
     (["{a}", "{b}", "-k", "0"], "-k must be at least 1"),
     (["{a}", "{b}", "--split", "everything"], "unknown split"),
     (["{a}", "{b}", "--json", "{a}/no/such/folder/x.json"], "--json .* does not exist"),
-], ids=["one-run", "limit", "samples", "split", "json-folder"])
+    (["{a}", "{b}", "--gaps", "--gap-particles", "0"], "--gap-particles must be at least 1, got 0"),
+], ids=["one-run", "limit", "samples", "split", "json-folder", "gap-particles"])
 def test_compare_refuses_bad_options_in_one_line(runs, capsys, count_evaluations, args, pattern):
     argv = ["compare", *(a.format(a=runs["a"], b=runs["b"]) for a in args), "--no-progress", "--no-compile"]
     assert main(argv) == 2

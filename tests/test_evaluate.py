@@ -184,7 +184,9 @@ def test_evaluate_command_prints_table_and_writes_json_and_netcdf(run_dir, tmp_p
     (["--split", "validation"], "unknown split 'validation'"),
     (["-k", "0"], "must be at least 1"),
     (["--limit", "0"], "--limit must be at least 1"),
-], ids=["split", "k", "limit"])
+    (["--gaps", "--gap-lr", "0"], "--gap-lr must be positive, got 0.0"),
+    (["--gaps", "--gap-steps", "0"], "--gap-steps must be at least 1, got 0"),
+], ids=["split", "k", "limit", "gap-lr", "gap-steps"])
 def test_evaluate_command_bad_options(run_dir, capsys, args, message):
     assert main(["evaluate", str(run_dir), "--no-progress", "--no-compile", *args]) == 2
     err = capsys.readouterr().err
