@@ -14,6 +14,10 @@ over the batch, whose gradient is the objective's reparameterized gradient estim
     guide does not sample summed out exactly, a guide site summed over with its weights q); a
     discrete site the guide draws without that mark gets the score-function term above. The
     estimator used is logged once per kind of batch (:attr:`Loss.estimators`).
+``enum``
+    ``elbo`` with every discrete site of the guide marked for enumeration (``config_enumerate(guide,
+    "parallel")``): a guide that draws a discrete site without the mark gets ``TraceEnum_ELBO``'s exact
+    sum over it instead of the score-function estimator; the same as ``elbo`` where there is none.
 ``mean-field``
     The same bound with KL(q ‖ p) in closed form at each latent site where
     ``torch.distributions.kl_divergence`` has one and it is the site's KL term (:mod:`pyrovae.kl`):
@@ -56,7 +60,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 from pyro.poutine.messenger import Messenger
@@ -80,8 +84,8 @@ from .traces import (
 
 log = logging.getLogger(__name__)
 
-Objective = Literal["elbo", "mean-field", "iwae", "iwae-dreg"]
-OBJECTIVES: tuple[str, ...] = ("elbo", "mean-field", "iwae", "iwae-dreg")
+Objective = Literal["elbo", "mean-field", "iwae", "iwae-dreg", "enum"]
+OBJECTIVES: tuple[str, ...] = ("elbo", "mean-field", "iwae", "iwae-dreg", "enum")
 
 
 class scale_latents(Messenger):
@@ -186,7 +190,7 @@ class Loss:
         if num_particles < 1:
             raise PyrovaeError(f"the number of particles must be at least 1, got {num_particles}")
         self.objective = objective
-        self.model, self.guide = model, guide
+        self.model, self.guide = model, config_enumerate(guide, "parallel") if objective == "enum" else guide
         self.num_particles = num_particles
         self.beta = beta
         self._traces = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
@@ -210,7 +214,7 @@ class Loss:
             found = discrete_sites(model_trace, guide_trace)
             check_objective(self.objective, found)
             self._discrete[key] = found
-            if self.objective in ("elbo", "mean-field", "iwae", "iwae-dreg"):
+            if self.objective in OBJECTIVES:
                 estimator = self._estimator(found)
                 self.estimators[key] = estimator
                 what = "labelled" if any(a is not None for a in args) else "unlabelled"
@@ -218,8 +222,8 @@ class Loss:
         return self._discrete[key]
 
     def _estimator(self, found: DiscreteSites) -> str:
-        if self.objective != "elbo" or not found.any:
-            return {"elbo": "Trace_ELBO", "mean-field": "TraceMeanField_ELBO"}.get(self.objective, f"{self.objective} (reparameterized)")
+        if self.objective not in ("elbo", "enum") or not found.any:
+            return {"elbo": "Trace_ELBO", "enum": "Trace_ELBO", "mean-field": "TraceMeanField_ELBO"}.get(self.objective, f"{self.objective} (reparameterized)")
         if found.summed or found.enumerated:
             return f"TraceEnum_ELBO (enumerated: {', '.join(found.summed + found.enumerated)})"
         return f"Trace_ELBO with score-function terms (guide samples: {', '.join(found.sampled)})"
@@ -233,7 +237,7 @@ class Loss:
             beta = float(self.beta)
         if not torch.is_tensor(beta) and not beta >= 0:
             raise PyrovaeError(f"beta must be at least 0, got {beta}")
-        if self.objective in ("elbo", "mean-field"):
+        if self.objective in ("elbo", "mean-field", "enum"):
             return -self.elbo(x, *args, beta=beta, **kwargs)
         if self.objective == "iwae":
             return -self.iwae(x, *args, beta=beta, **kwargs).sum()
@@ -313,7 +317,7 @@ def elbo_loss(model: Callable, guide: Callable, num_particles: int = 1) -> Loss:
 def loss(objective: str, model: Callable, guide: Callable, num_particles: int = 1, beta: float = 1.0) -> Loss:
     """A differentiable loss x ↦ −objective(x) summed over the batch, for ``SVI``-style training.
 
-    ``objective`` is one of ``"elbo"``, ``"mean-field"``, ``"iwae"``, ``"iwae-dreg"`` (see the module
+    ``objective`` is one of ``"elbo"``, ``"mean-field"``, ``"iwae"``, ``"iwae-dreg"``, ``"enum"`` (see the module
     docstring); ``num_particles`` is the number of draws per point (k for the IWAE bounds); ``beta``
     scales the latent sites' log-densities (settable later through the returned object's ``beta``).
 

@@ -296,6 +296,19 @@ def test_guide_enumeration_and_sampling_agree_on_the_elbo(float64):
     assert ((elbo.value.sum() - exact) / elbo.stderr.pow(2).sum().sqrt()).abs() < 4
 
 
+@pytest.mark.parametrize("objective", ["enum", "elbo"])
+def test_enum_objective_sums_out_a_discrete_site_the_guide_draws_unmarked(float64, objective):
+    """``enum`` marks the guide's discrete site for enumeration: the loss is the exact ELBO (a sum
+    over c, no draw); ``elbo`` on the same guide draws c (score-function) and is not."""
+    t, x = discrete_parameters(), binary_points()
+    model, guide = drawn_site_programs(t)
+    loss_fn = objectives.loss(objective, model, guide)
+    exact = exact_drawn_site_elbo(t, x, torch.tensor([0.5, -0.3, 0.2])).sum()
+    summed = torch.allclose(-loss_fn(x), exact, rtol=1e-12)
+    assert summed == (objective == "enum")
+    assert ("TraceEnum_ELBO (enumerated: c)" in loss_fn.estimators[((), ())]) == (objective == "enum")
+
+
 # refusals, one line each
 
 def missing_discrete_site(x):

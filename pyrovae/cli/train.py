@@ -122,7 +122,9 @@ def add_parser(sub) -> None:
     g.add_argument("--particles", type=positive(int), help="draws of z per data point in each ELBO estimate (default: 1)")
     g.add_argument("--seed", type=int, help="seed of the held-out split, initialization, batch order and binarization (default: 0)")
     g.add_argument("--objective", choices=OBJECTIVES, help="elbo (Trace_ELBO), mean-field (analytic KL where it exists), "
-                   "iwae (the IWAE bound with k = --particles) or iwae-dreg (its doubly reparameterized gradient) (default: elbo)")
+                   "iwae (the IWAE bound with k = --particles), iwae-dreg (its doubly reparameterized gradient), or enum (elbo with the guide's "
+                   "discrete sites summed out by TraceEnum_ELBO instead of drawn); elbo itself takes TraceEnum_ELBO where sites are "
+                   "marked for enumeration and score-function terms where the guide draws a discrete site (default: elbo)")
     g.add_argument("--beta", type=non_negative, help="scale of the latent sites' log-densities, β-VAE (default: 1)")
     g.add_argument("--warmup-epochs", type=non_negative, help="KL warm-up: β rises linearly from 0 over these epochs (default: 0)")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="none, cosine (to 0 at the last epoch) or plateau "
