@@ -18,6 +18,7 @@ floor for estimates that are exact. Each assertion is shown to fail on a deliber
 variant of the code (``BROKEN``).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -425,3 +426,26 @@ def test_surgery_skips_what_has_no_density():
     full = gaps.surgery(model.model, LinearGaussianGuide(P, model.sites).forward, x, num_particles=2)
     assert set(full.sites) == {"z1"} and "depends on the latent sample(s) 'z1'" in full.skipped["z2"]
     assert any("no ELBO surgery" in line for line in full.notes())
+
+
+@pytest.mark.parametrize("variant", ["correct", "broken-own-particles-ignored"])
+def test_evaluate_with_gaps_true_uses_the_default_fit_and_adds_the_surgery(monkeypatch, variant):
+    """``evaluate(..., gaps=True)``: GapSettings' defaults with evaluate's own ``particles_elbo``, the
+    ELBO surgery of the same points, and the same per-point gaps as ``inference_gaps`` with that seed."""
+    defaults = gaps.GapSettings()
+    if variant != "correct":
+        monkeypatch.setattr(gaps, "GapSettings", lambda **kwargs: defaults)
+    model = correlated_ppca()
+    x = data(model, 8)
+    guide = LinearGaussianGuide(P, model.sites)
+    result = evaluate(model.model, guide.forward, x, num_samples=50, iwae_ks=(), particles_elbo=20, seed=3, gaps=True)
+    problems = [] if result.gaps.settings == {**defaults.to_dict(), "particles_elbo": 20} else ["not evaluate's particles"]
+    check(variant, problems, "particles")
+    if variant != "correct":
+        return
+    assert result.surgery is not None and result.surgery.num_points == 8
+    alone = gaps.inference_gaps(model.model, guide.forward, x, dataclasses.replace(defaults, particles_elbo=20), seed=3)
+    torch.testing.assert_close(result.gaps.approximation.value, alone.approximation.value, rtol=0, atol=0)
+    torch.testing.assert_close(result.gaps.amortization.value, alone.amortization.value, rtol=0, atol=0)
+    assert evaluate(model.model, guide.forward, x, num_samples=50, iwae_ks=(), particles_elbo=20, gaps=True,
+                    surgery=False).surgery is None
