@@ -153,10 +153,11 @@ def flags(settings: dict, spec: list[tuple[str, str, object]]) -> list[str]:
 
 
 QUALITY_FLAGS = [
-    ("configs", "--configs", None), ("minutes", "--minutes", None), ("full", "--full", False),
+    ("configs", "--configs", None), ("minutes", "--minutes", None), ("epochs", "--epochs", None), ("full", "--full", False),
     ("batch_size", "--batch-size", 100), ("lr", "--lr", 1e-3), ("lr_schedule", "--lr-schedule", "none"),
     ("samples", "-k", 5000), ("test_points", "--test-points", None), ("activation", "--activation", "tanh"),
     ("threads", "--threads", 2), ("device", "--device", "cpu"), ("seed", "--seed", 0), ("tiny", "--tiny", False),
+    ("output_bias", "--output-bias", "data"),
 ]
 
 
@@ -214,7 +215,7 @@ def train_step_one(name: str) -> str:
         table(["net", "batch", *[method_label(k, TRAIN_STEP_METHODS) for k in methods]], rows, right=set(range(1, 2 + len(methods)))),
         (f"Median milliseconds per step over {s.get('rounds', '?')} interleaved rounds of {s.get('steps', '?')} steps; in "
          f"brackets the median over rounds of the method's time over (a')'s in the same round. Device: {device}."),
-        provenance([(name, d.get("machine", {}), command("train_step.py", flags(s, TRAIN_STEP_FLAGS)))]),
+        provenance([(name, d.get("machine", {}), d.get("command") or command("train_step.py", flags(s, TRAIN_STEP_FLAGS)))]),
     ])
 
 
@@ -249,12 +250,17 @@ def evaluate_speed_one(name: str) -> str:
     share = d.get("khat", {}).get("share_khat_above_0.7")
     if share is not None:
         text += f" PSIS k̂ > 0.7 at {pct(share)} of these points."
+    bound = d.get("flop_limit", {}).get("points_per_s")
+    if bound:
+        rows.append(["the decoder's matrix products alone (a bound)", f"{bound:.1f}", "—", "—"])
+        text += (" The last row times only the decoder's matrix products for the same draws, one point per pass: the "
+                 "arithmetic any exact method must do on this network.")
     parts = [table(["method", "points/s", "× hand-written", "log p(x), mean ± s.e."], rows, right={1, 2, 3}), text]
     memory = "; ".join(f"K = {m['K']}, chunk {m['chunk_size']}: +{m['growth_mib']:.0f} MiB"
                        for m in d.get("memory", []) if {"K", "chunk_size", "growth_mib"} <= m.keys())
     if memory:
         parts.append(f"Peak resident memory of pyrovae's evaluation above what the process held before the call: {memory}.")
-    parts.append(provenance([(name, d.get("machine", {}), command("evaluate_speed.py", options))]))
+    parts.append(provenance([(name, d.get("machine", {}), d.get("command") or command("evaluate_speed.py", options))]))
     return "\n\n".join(parts)
 
 
@@ -274,7 +280,7 @@ def ais_speed_table() -> tuple[str, list[str]]:
                             ("chains", "--chains", 8), ("leapfrog", "--leapfrog", 5), ("step_size", "--step-size", 0.05),
                             ("repeats", "--repeats", 3), ("threads", "--threads", 2), ("seed", "--seed", 0),
                             ("no_eager", "--no-eager", False), ("tiny", "--tiny", False)])
-        entries.append((name, d["machine"], command("ais_speed.py", options)))
+        entries.append((name, d["machine"], d.get("command") or command("ais_speed.py", options)))
         for r in d["results"]:
             pps = r.get("points_per_s", {})
             rate = lambda key, pps=pps: f"{pps[key]:.2f}" if key in pps else "—"
@@ -343,7 +349,8 @@ def quality_rows(names: list[str]) -> list[dict]:
             for r in d["results"]:
                 settings = {**d["settings"], "configs": [r["config"]]}
                 rows.append({"file": name, "config": r["config"], "label": CONFIG_LABELS.get(r["config"], r["config"]),
-                             "options": quality_flags(settings), "machine": d["machine"], "settings": settings, **r})
+                             "options": quality_flags(settings), "machine": d["machine"], "settings": settings,
+                             "recorded_command": d.get("command"), **r})
         elif "summary" in d:  # one configuration, the plain VAE
             rows.append({"file": name, "config": "vae", "label": CONFIG_LABELS["vae"], "options": quality_flags(d["settings"]),
                          "machine": d["machine"], "settings": d["settings"], "training": d["training"], "summary": d["summary"],
@@ -403,7 +410,7 @@ def quality_table(names: list[str], run_labels: dict[str, str] | None = None, ev
     right = {i for i, h in enumerate(header) if h not in ("run", "configuration", "options")}
     machines = []
     for r in rows:
-        entry = (r["file"], r["machine"])
+        entry = (r["file"], r["machine"], r.get("recorded_command"))
         if entry not in machines:
             machines.append(entry)
     text = "\n\n".join([
@@ -413,7 +420,8 @@ def quality_table(names: list[str], run_labels: dict[str, str] | None = None, ev
          "test points (mean ± standard error across points, nats); ELBO and the IWAE bounds L_k on the same points; "
          "k̂ > 0.7: the share of points whose importance weights are heavy-tailed. The best log p(x) is in bold."),
         f"Command: `{command('quality.py', shared)}` with each row's options. Measured on (results file: machine; date):\n\n"
-        + "\n".join(f"- `benchmarks/results/{name}`: {machine_text(m)}; {date_text(m)}" for name, m in machines),
+        + "\n".join(f"- `benchmarks/results/{name}`: {machine_text(m)}; {date_text(m)}" + (f"; recorded: `{c}`" if c else "")
+                    for name, m, c in machines),
     ])
     return text, names
 
@@ -451,7 +459,10 @@ def headline() -> str:
         rest = lambda r: [o for o in r["options"] if o not in ("--configs", r["config"])]
         hand = [r for r in quality if r["config"] == "handwritten" and rest(r) == rest(best)]
         threads = best["machine"].get("torch_threads")
-        rows.append([(f"MNIST test log p(x) after {best['settings']['minutes']:g} minutes on {threads} CPU "
+        minutes = best["settings"].get("minutes")
+        epochs = best["settings"].get("epochs") or best.get("training", {}).get("epochs", "?")
+        budget = f"{minutes:g} minutes" if minutes else f"{epochs} epochs"
+        rows.append([(f"MNIST test log p(x) after {budget} on {threads} CPU "
                       f"thread{'s' if threads != 1 else ''}, {CONFIG_LABELS.get(best['config'], best['config'])}"),
                      f"{pm(best['summary']['log_px'])} nats" + (f" (hand-written VAE: {num(hand[0]['summary']['log_px'][0])})" if hand else ""),
                      f"[quality]({page}#quality-at-equal-budget)"])

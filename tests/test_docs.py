@@ -65,24 +65,32 @@ def test_new_results_files_reach_the_tables(tmp_path, monkeypatch):
         (results / path.name).write_text(path.read_text())
     step = json.loads((results / "train_step.json").read_text())
     step["device"], step["machine"]["cuda"] = "cuda", "NVIDIA H100"
+    step["command"] = "python benchmarks/train_step.py --device cuda --out benchmarks/results/train_step_cuda.json"
     for r in step["results"]:
         r["ms_per_step"]["pyrovae_captured_cuda-graph"] = 0.5
         r["round_ratio_to_fused"]["pyrovae_captured_cuda-graph"] = 1.2
     (results / "train_step_cuda.json").write_text(json.dumps(step))
     speed = json.loads((results / "evaluate_speed.json").read_text())
     del speed["khat"], speed["memory"]
+    speed["flop_limit"] = {"points_per_s": 99.0}
     (results / "evaluate_speed_cuda.json").write_text(json.dumps(speed))
     quality = json.loads((results / "quality_15min_elu_iwae5.json").read_text())
     quality["results"][0]["summary"]["log_px"] = [-80.0, 0.2]
+    quality["command"] = "python benchmarks/quality.py --configs iwae5 --epochs 10 --output-bias zero"
+    quality["settings"].update(minutes=None, epochs=10, output_bias="zero")
     (results / "quality_15min_today.json").write_text(json.dumps(quality))
     monkeypatch.setattr(tables, "RESULTS", results)
 
     out = {path.name: text for path, text in tables.render().items()}
     assert "train_step_cuda.json" in out["train_step.md"] and "`--capture cuda-graph`" in out["train_step.md"]
     assert "NVIDIA H100" in out["train_step.md"] and "0.50 (1.20×)" in out["train_step.md"]
-    assert "evaluate_speed_cuda.json" in out["evaluate_speed.md"]
-    assert "quality_15min_today.json" in out["quality_other.md"] and "**−80.00 ± 0.20**" in out["quality_other.md"]
-    assert "−80.00 ± 0.20 nats" in tables.headline()  # the best 15-minute number, wherever its file is
+    assert f"`{step['command']}`" in out["train_step.md"]  # the command the file recorded, where it records one
+    assert "evaluate_speed_cuda.json" in out["evaluate_speed.md"] and "| 99.0 |" in out["evaluate_speed.md"]
+    other = out["quality_other.md"]
+    assert "quality_15min_today.json" in other and "**−80.00 ± 0.20**" in other and f"`{quality['command']}`" in other
+    assert "--epochs 10 --output-bias zero" in other
+    headline = tables.headline()
+    assert "−80.00 ± 0.20 nats" in headline and "after 10 epochs" in headline  # the best number, wherever its file is
     assert "Every quality results file" in tables.quality_other({p.name for p in results.glob("*.json")})[0]
 
 
