@@ -309,6 +309,8 @@ def evaluate(
         batch_size: points per pass (default :func:`default_batch_size`).
         chunk_size: draws per pass within a point's K (default: all K at once).
         compile: True, False or ``"auto"`` (see above).
+        capture: trace and replay the importance-sampling pass (see above); False: Pyro's traces on
+            every chunk.
         keep_log_weights: keep the (K, N) log-weights in the result (``log_w``).
         progress: show a progress bar.
         seed: seeds the draws per batch and chunk (None: the global random state).
