@@ -228,6 +228,13 @@ EVALUATE_SPEED_FLAGS = [("K", "-k", 5000), ("repeats", "--repeats", 3), ("block"
                         ("seed", "--seed", 0), ("tiny", "--tiny", False), ("device", "--device", "cpu")]
 
 
+def evaluation_tags(options: dict) -> str:
+    """How pyrovae's evaluation ran in a speed file: ``captured``, ``compiled`` (older files record
+    only the ``compile`` option, newer ones what was decided, ``compiled``)."""
+    compiled = options.get("compiled", options.get("compile"))
+    return ", ".join(t for t, on in (("captured", options.get("captured")), ("compiled", compiled)) if on is True)
+
+
 def evaluate_speed_one(name: str) -> str:
     d = load(name)
     s = d.get("settings", {})
@@ -244,7 +251,9 @@ def evaluate_speed_one(name: str) -> str:
         speed = m.get("speed_vs_pytorch")
         rows.append([m.get("label", "?"), f"{m['points_per_s']:.1f}" if "points_per_s" in m else "—",
                      f"{speed:.2f}×" if speed is not None else "—", log_px])
-    text = (f"Importance-sampled log p(x) with K = {s.get('K', '?')} on the first {s.get('points', '?')} points; points "
+    tags = evaluation_tags(own)
+    text = (f"Importance-sampled log p(x) with K = {s.get('K', '?')} on the first {s.get('points', '?')} points"
+            + (f" (pyrovae's pass {tags})" if tags else "") + "; points "
             f"per second, median of {s.get('repeats', '?')} interleaved repeats; speed relative to (b) as the median of "
             "per-block paired ratios.")
     share = d.get("khat", {}).get("share_khat_above_0.7")
@@ -450,8 +459,8 @@ def headline() -> str:
     if (RESULTS / "evaluate_speed.json").is_file():
         speed = load("evaluate_speed.json")
         own = speed["methods"]["pyrovae"]
-        compiled = own.get("options", {}).get("compile") is True
-        rows.append([f"evaluation, K = {speed['settings']['K']} per point" + (" (`--compile`)" if compiled else ""),
+        tags = evaluation_tags(own.get("options", {}))
+        rows.append([f"evaluation, K = {speed['settings']['K']} per point" + (f" ({tags})" if tags else ""),
                      f"{own['speed_vs_pytorch']:.2f}× the hand-written sampler's speed", f"[evaluation]({page}#evaluation-speed)"])
     quality = quality_rows(results("quality_15min*.json"))
     if quality:
