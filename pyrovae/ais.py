@@ -429,8 +429,10 @@ def _pass(model, guide, x: torch.Tensor, chains: int, s: AISSettings, args, beta
     traced for the first pass of its shape and kept (the last :data:`CACHE_SIZE`), keyed by the model,
     the guide, the shapes and the parameters' identities: the path reads x from a buffer of the
     graph, into which a later pass of the same shape copies its points before the parts computed once
-    are recomputed. Where tracing fails, the transition runs eagerly on the traced density when that
-    can be captured (:func:`pyrovae.annealing.captured_density`), else on Pyro's."""
+    are recomputed. The density is traced first, through Pyro's programs, and checked
+    (:func:`pyrovae.annealing.captured_density`); the transition is traced over its graph, which is
+    quick. Where the transition cannot be traced it runs eagerly on the traced density (on Pyro's
+    programs where the density could not be traced either)."""
     key = None
     if s.capturing:
         with graphs.preserved_rng([x]):  # finding the parameters runs the guide: give its draws back
@@ -454,11 +456,12 @@ def _pass(model, guide, x: torch.Tensor, chains: int, s: AISSettings, args, beta
             transition.refold()
             return path, state, transition
         return path, state, lambda st, b, eps: hmc_transition(st, path, b, eps, s.num_leapfrog)
+    density = captured_density(path, state)  # traced through Pyro once and checked; the transition is traced over its graph
     try:
-        transition = CapturedTransition(path, state, beta, step_size, s.num_leapfrog)
+        transition = CapturedTransition(density, state, beta, step_size, s.num_leapfrog)
     except Exception as e:  # an operation make_fx cannot trace, data-dependent control flow
         log.warning("tracing the HMC transition failed (%s: %s); continuing without tracing it", type(e).__name__, e)
-        density = captured_density(path, state)
+
         def move(st, b, eps):
             return hmc_transition(st, density, b, eps, s.num_leapfrog)
     else:

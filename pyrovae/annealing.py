@@ -207,6 +207,7 @@ def captured_density(path: AnnealingPath, state: State) -> Callable[[torch.Tenso
         with torch.no_grad():  # the graph holds its backward pass: no autograd needed
             return State(u, *graph(u))
 
+    density.graph = graph  # for graphs.refold, after the data or the parameters changed in place
     return density
 
 

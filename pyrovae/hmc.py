@@ -108,6 +108,9 @@ class CapturedTransition:
         return torch.tensor(beta, dtype=state.u.dtype, device=state.u.device)
 
     def refold(self) -> None:
+        inner = getattr(self.density, "graph", None)  # a traced density (annealing.captured_density) that this graph calls
+        if inner is not None:
+            graphs.refold(inner)
         graphs.refold(self.graph)
 
     def __call__(self, state: State, beta: float, step_size: torch.Tensor) -> tuple[State, torch.Tensor]:

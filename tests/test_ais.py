@@ -329,7 +329,8 @@ def test_a_captured_transition_is_kept_across_passes_and_calls(float64, monkeypa
         torch.testing.assert_close(results[True, key].log_w, results[False, key].log_w, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(results[True, key].accept, results[False, key].accept, rtol=1e-10, atol=1e-10)
     C = 2 + ais_module.TUNE_CHAINS
-    assert traced == [(C, 4, 2), (C, 2, 2)]  # the transition's u: (chains, points, latent dims)
+    # per shape, the density through Pyro and the transition over its graph; u is (chains, points, latent dims)
+    assert traced == [(C, 4, 2), (C, 4, 2), (C, 2, 2), (C, 2, 2)]
     ais_module.clear_cache()
 
 
