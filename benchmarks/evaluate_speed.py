@@ -148,9 +148,11 @@ def load_setup(args) -> tuple[torch.nn.Module, torch.Tensor, dict]:
         run = Run.open(args.checkpoint)
         data, vae, _ = run.load_model("cpu")  # rebuilt and loaded from the run's last checkpoint
         vae.eval()
-        x = run.eval_split(data)[: args.points]
+        split = run.eval_split(data)
+        x = split[: args.points]
         _check_plain_vae(vae)
-        return vae, x, {"weights": f"run folder {args.checkpoint}", "model": run.config["model"], "data": run.config["data"]}
+        return vae, x, {"weights": f"run folder {args.checkpoint}", "model": run.config["model"], "data": run.config["data"],
+                        "split_points": len(split)}
     data = load_dataset("mnist", args.data_dir)
     config = VAEConfig(data.dim, latent_dim=50, hidden=(200, 200), activation="tanh")
     cache = RESULTS / f"vae-mnist-784-200x200-50-tanh-{args.train_epochs}ep-seed{args.seed}.pt"
@@ -174,6 +176,7 @@ def load_setup(args) -> tuple[torch.nn.Module, torch.Tensor, dict]:
         "train_elbo_last_epoch": history[-1]["train_elbo"],
         "model": config.to_dict(),
         "data": {"dataset": "mnist", "split": "test", "binarize": "static", "seed": args.seed + 1},
+        "split_points": len(data.test),
     }
     return vae.eval(), x, description
 
@@ -186,7 +189,8 @@ def _tiny_setup(args):
     fit(vae, Batches(data.train, 64, "dynamic", seed=args.seed), TrainConfig(epochs=5, batch_size=64, seed=args.seed), progress=False)
     x = static_binarized(data.test, args.seed + 1)[: args.points]
     return vae.eval(), x, {"weights": "tiny: trained here, 5 epochs on digits", "model": config.to_dict(),
-                           "data": {"dataset": "digits", "split": "test", "binarize": "static", "seed": args.seed + 1}}
+                           "data": {"dataset": "digits", "split": "test", "binarize": "static", "seed": args.seed + 1},
+                           "split_points": len(data.test)}
 
 
 def _check_plain_vae(vae) -> None:
@@ -249,6 +253,19 @@ def run_pytorch(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
         values.append(value)
         stderrs.append(stderr)
     return torch.cat(values).cpu(), torch.cat(stderrs).cpu()
+
+
+def decoder_matmuls(vae, x, K, args) -> None:
+    """The decoder's matrix products alone, as (a) and (b) do them for K draws of each point, one
+    point per pass (``torch.addmm`` per linear layer, no activation, no density): the bound of any
+    exact method on this network, its arithmetic being nearly all in these products."""
+    layers = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    z = torch.randn(K, layers[0].in_features, device=x.device)
+    for _ in range(len(x)):
+        h = z
+        for layer in layers:
+            h = torch.addmm(layer.bias, h, layer.weight.t())
+    return None
 
 
 def run_pyro(vae, x, K, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,9 +525,11 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
           f"{args.threads} torch threads; (a) {min(pyrovae_batch_size(args), block)} and (b) {min(args.hand_batch, block)} "
           f"points per pass, blocks of {block} points", flush=True)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)  # before each clock reading: CUDA runs asynchronously
-    # "auto" decided once, as evaluate would for a block (False at this benchmark's usual sizes, and always on CUDA), so
+    # "auto" decided once, as `pyrovae evaluate` decides it for the whole split these points come from (the command a user
+    # runs evaluates all of it: on CPU, compiled for the 10 000 MNIST test points at K = 5000, not for the 359 digits), so
     # that a compiling (a) compiles in its warm-up, not in a timed block
-    args.evaluate_compile = compile_pays(block, K, args.device) if compile_kw == "auto" else compile_kw
+    decided_for = setup.get("split_points", N)
+    args.evaluate_compile = compile_pays(decided_for, K, args.device) if compile_kw == "auto" else compile_kw
 
     def call(name: str, points: torch.Tensor):
         if name == "pythae":
@@ -532,6 +551,7 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
     # block, so that the load of a shared machine falls on all methods alike; per block, each method's
     # time over (b)'s on the same block is a paired ratio.
     seconds = {name: [0.0] * args.repeats for name in methods}
+    bound_seconds = [0.0] * args.repeats  # the decoder's matrix products alone, timed beside the methods
     ratios = {name: [] for name in methods}
     parts = {name: [] for name in methods}
     khats = []  # (a)'s PSIS k̂ per point, from its first repeat
@@ -554,6 +574,11 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
                         khats.append(khat[0])
             for name in methods:
                 ratios[name].append(took["pytorch"] / took[name])  # speed relative to (b)
+            sync()
+            start = time.perf_counter()
+            decoder_matmuls(vae, xb, K, args)
+            sync()
+            bound_seconds[rep] += time.perf_counter() - start
         print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{name} {N / seconds[name][rep]:.2f}" for name in methods)
               + " points/s", flush=True)
     estimates = {name: (torch.cat([v for v, _ in parts[name]]),
@@ -587,7 +612,8 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
         results[name] = entry
     results["pyrovae"]["options"] = {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "compile": compile_kw,
                                      "points_per_pass": min(pyrovae_batch_size(args), block),  # at most a block per call
-                                     "compiled": args.evaluate_compile,
+                                     "compiled": args.evaluate_compile, "compile_decided_for_points": decided_for,
+                                     "captured": "capture" in inspect.signature(evaluate).parameters,
                                      "evaluate_defaults": {k: v.default for k, v in inspect.signature(evaluate).parameters.items()
                                                            if k in ("batch_size", "chunk_size", "compile")}}
     results["pytorch"]["options"] = {"chunk": args.hand_chunk, "hand_batch": args.hand_batch, "points_per_pass": min(args.hand_batch, block)}
@@ -630,7 +656,14 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
                    "counter), its statistics reset by torch.cuda.reset_peak_memory_stats just before the measured evaluate "
                    "call (after a small warm-up call); growth = peak − torch.cuda.memory_allocated just before the call; "
                    "max_reserved_mib: the most the allocator held from the driver over the call. Host memory is not measured.")
+    bound = N / statistics.median(bound_seconds)
+    flop_limit = {"points_per_s": bound, "seconds": bound_seconds,
+                  "fraction_reached": {name: results[name]["points_per_s"] / bound for name in methods},
+                  "note": "the decoder's matrix products alone at K draws per point, one point per pass (torch.addmm per "
+                          "linear layer): the arithmetic any exact method must do; fraction_reached: each method's points/s "
+                          "over this bound's"}
     report = {"benchmark": "evaluate_speed", "device": args.device, "machine": machine, "setup": setup, "khat": diagnostics,
+              "flop_limit": flop_limit, "command": "python benchmarks/evaluate_speed.py " + " ".join(sys.argv[1:]),
               "settings": {"points": N, "K": K, "repeats": args.repeats, "block": block, "threads": args.threads, "seed": args.seed,
                            "device": args.device, "hand_batch": args.hand_batch, "tiny": args.tiny},
               "methods": results, "notes": notes, "memory": memory, "memory_note": memory_note}
@@ -658,7 +691,7 @@ def format_table(report: dict) -> str:
     lines = [f"log p(x), importance sampled, K = {s['K']}, {s['points']} points, on {device}, {s['threads']} torch threads, "
              f"{report['machine']['cpu']}",
              f"points per pass: (a) {a['points_per_pass']}" + (" (evaluate's default for the device)" if a["batch_size"] is None else "")
-             + f", compiled {a['compiled']}; (b) {b['points_per_pass']}, {b['chunk']} draws at a time; (c), (d) one point per call",
+             + f", captured {a.get('captured')}, compiled {a['compiled']}; (b) {b['points_per_pass']}, {b['chunk']} draws at a time; (c), (d) one point per call",
              f"points/s: median of {s['repeats']} repeats; × (b): median over blocks of {s['block']} points of (b)'s time / the method's",
              f"{'method':<40} {'points/s':>9} {'× (b)':>6}  {'log p(x) mean ± s.e.':>21}  {'mean Δ vs (b)':>13}  {'max |z| vs (b): all, k̂≤0.7':>27}"]
     for name, m in report["methods"].items():
@@ -668,6 +701,10 @@ def format_table(report: dict) -> str:
     sds = ", ".join(f"{name} {_fmt(m['sd_z_vs_pytorch'])}" for name, m in report["methods"].items() if "sd_z_vs_pytorch" in m)
     lines.append(f"PSIS k̂ > 0.7 (from (a)'s weights) at {report['khat']['share_khat_above_0.7']:.0%} of the points; "
                  f"sd of z vs (b) (≈ 1 for honest standard errors): {sds}")
+    if "flop_limit" in report:
+        f = report["flop_limit"]
+        lines.append(f"the decoder's matrix products alone: {f['points_per_s']:.2f} points/s; fraction of that reached: "
+                     + ", ".join(f"{name} {v:.0%}" for name, v in f["fraction_reached"].items()))
     for name, note in report["notes"].items():
         lines.append(f"{LABELS[name]}: {note}")
     if "pythae" in report["methods"]:

@@ -3,16 +3,18 @@
 (a) torch:      hand-written reparameterized ELBO with analytic KL, one torch.optim.Adam;
 (a') the same with torch's fused Adam, the optimizer pyrovae uses, to show the cost of Pyro itself;
 (b) naive pyro: SVI(model, guide, pyro.optim.Adam, Trace_ELBO()) as in Pyro's VAE example;
-(c) pyrovae:    the path ``pyrovae.train.fit`` takes (Pyro's Trace_ELBO loss, one fused torch Adam);
-(d) pyrovae captured: the same loss and optimizer, the step traced once per batch shape and
-    replayed (``pyrovae.capture.CapturedStep``, its default mode for the device: the traced graph
-    replayed op by op on the CPU, a CUDA graph on CUDA); ``--capture-modes`` times other modes too.
+(c) pyrovae:    the eager step (``--capture off``): Pyro's Trace_ELBO loss, one fused torch Adam;
+(d) pyrovae captured: the step ``pyrovae train`` and ``pyrovae.train.fit`` take by default
+    (``capture="auto"``): the same loss and optimizer, the step traced once per batch shape,
+    checked against the eager step on its first batch and replayed (``pyrovae.capture.CapturedStep``
+    with ``check=True``, the device's mode: the graph op by op on the CPU, a CUDA graph on CUDA);
+``--capture-modes`` times other capture modes too (``pyrovae_captured_<mode>``, unchecked).
 
 All train the same architecture on the same minibatches of binarized MNIST (or random binary data
 with --synthetic). After a warm-up, the methods take turns in rounds, each a block of --steps steps,
 in an order that rotates, so that the load of a shared machine falls on all alike; each time is the
 median over all timed steps, and "vs fused" the median over rounds of each round's ratio to (a').
-The first step of (d) traces the graph (and compiles it, for inductor): it is reported apart.
+The first step of a captured method traces the graph (and compiles it, for inductor): it is reported apart.
 Usage: python benchmarks/train_step.py [--tiny] [--device cpu|cuda] [--capture-modes graph,inductor] [--out FILE]
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from common import machine, write_json
-from pyrovae.capture import CapturedStep, default_mode
+from pyrovae.capture import CapturedStep
 from pyrovae.models import VAEConfig, build_vae
 from pyrovae.params import trainable
 from pyrovae.train import elbo_loss, fast_context, make_optimizer, train_step
@@ -86,16 +89,16 @@ def make_methods(config: VAEConfig, lr: float, device: str, sample: torch.Tensor
     opt_ours = make_optimizer(ours.parameters(), lr)
     loss_ours = elbo_loss(ours.model, ours.guide)
 
-    def step_pyrovae(x):
+    def step_eager(x):
         with fast_context():
             return train_step(loss_ours, opt_ours, x)
 
-    def step_captured(mode):
+    def step_captured(mode, check=False):
         model = build_vae(config).to(device)
         model.load_state_dict(ours.state_dict())
         params = trainable(model.model, model.guide, sample)  # what fit trains: the same set as SVI
         optimizer = make_optimizer(params.values(), lr)
-        captured = CapturedStep(model.model, model.guide, params, mode=mode)
+        captured = CapturedStep(model.model, model.guide, params, mode=mode, check=check)
 
         def step(x):
             with fast_context():
@@ -107,12 +110,11 @@ def make_methods(config: VAEConfig, lr: float, device: str, sample: torch.Tensor
         "torch": torch_step(hand, torch.optim.Adam(hand.parameters(), lr=lr)),
         "torch_fused_adam": torch_step(hand_fused, torch.optim.Adam(hand_fused.parameters(), lr=lr, fused=True)),
         "naive_pyro": svi.step,
-        "pyrovae": step_pyrovae,
-        "pyrovae_captured": step_captured(default_mode(device)),
+        "pyrovae": step_eager,
+        "pyrovae_captured": step_captured(None, check=True),  # fit's default, capture="auto"
     }
     for mode in capture_modes:
-        if mode != default_mode(device):
-            methods[f"pyrovae_captured_{mode}"] = step_captured(mode)
+        methods[f"pyrovae_captured_{mode}"] = step_captured(mode)
     return methods
 
 
@@ -204,7 +206,9 @@ def main(argv=None) -> None:
         cells = " ".join(f"{ms[m]:>8.2f} ({ratio[m]:.2f}×)" for m in ("torch_fused_adam", *names))
         versus = " ".join(f"{r['round_ratio_to_fused'][m]:>8.2f}×" for m in names)
         print(f"{r['net']:<16} {r['batch_size']:>5} {ms['torch']:>7.2f} {cells} {versus}")
-    write_json({"benchmark": "train_step", "device": args.device, "machine": machine(), "settings": vars(args), "results": rows}, args.out)
+    write_json({"benchmark": "train_step", "device": args.device, "machine": machine(),
+                "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "settings": vars(args), "results": rows}, args.out)
 
 
 if __name__ == "__main__":
