@@ -144,3 +144,15 @@ def test_docstring_bars_are_escaped_outside_literal_blocks_only():
     unparsable = ["* a list item", "  with a bad | indent", " which docutils warns about"]
     pyrovae_docs.guard_docstring(None, "function", "g", None, {}, unparsable)
     assert unparsable[0] == "::" and not any("\\|" in line for line in unparsable), unparsable
+
+
+def test_every_command_is_in_the_command_line_reference():
+    """A new subcommand of ``pyrovae`` must get its ``{pyrovae-help}`` block on the CLI page."""
+    import argparse
+
+    from pyrovae.cli.main import parser
+
+    commands = {name for action in parser()._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+    assert {"train", "evaluate", "compare"} <= commands
+    shown = set(re.findall(r"^```\{pyrovae-help\} (\S+)", (DOCS / "cli.md").read_text(encoding="utf-8"), re.MULTILINE))
+    assert commands == shown, f"commands without a reference: {sorted(commands - shown)}; unknown: {sorted(shown - commands)}"
