@@ -204,6 +204,8 @@ class Loss:
         """The discrete sites of the model and guide called on these arguments (traced once per kind of
         call: a labelled batch may have none where an unlabelled one has some); refuses an objective
         that cannot train them (:func:`pyrovae.contract.check_objective`)."""
+        if isinstance(x, Labelled):
+            x, args = x.x, (x.y, *args)
         key = (tuple(a is None for a in args), tuple(sorted(k for k, v in kwargs.items() if v is not None)))
         if key not in self._discrete and _tracing():  # a captured step records the loss: none of this in its graph
             return DiscreteSites((), (), (), (), ())
