@@ -197,7 +197,7 @@ class Loss:
         self._enum = TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1,
                                     strict_enumeration_warning=False)
         self._warned: set[str] = set()
-        self.estimators: dict[tuple, str] = {}  # kind of call (which arguments are given) → estimator used
+        self.estimators: dict[str, str] = {}  # "unlabelled" (x alone) or "labelled" (x and more) → the estimator used
         self._discrete: dict[tuple, DiscreteSites] = {}
 
     def discrete(self, x: torch.Tensor, *args, **kwargs) -> DiscreteSites:
@@ -216,11 +216,10 @@ class Loss:
             found = discrete_sites(model_trace, guide_trace)
             check_objective(self.objective, found)
             self._discrete[key] = found
-            if self.objective in OBJECTIVES:
-                estimator = self._estimator(found)
-                self.estimators[key] = estimator
-                what = "labelled" if any(a is not None for a in args) else "unlabelled"
-                log.info("objective %s on %s batches: %s", self.objective, what, estimator)
+            estimator = self._estimator(found)
+            what = "labelled" if any(a is not None for a in args) or any(v is not None for v in kwargs.values()) else "unlabelled"
+            self.estimators[what] = estimator
+            log.info("objective %s on %s batches: %s", self.objective, what, estimator)
         return self._discrete[key]
 
     def _estimator(self, found: DiscreteSites) -> str:

@@ -27,11 +27,11 @@ import torch
 
 from . import contract, distributed, params as parameters
 from .context import fast_context
-from .data import Batches, Dataset, LabelledBatches, check_binarizable, static_binarized
+from .data import Batches, Dataset, Labelled, LabelledBatches, check_binarizable, static_binarized
 from .sources import balanced_labelled
 from .traces import quiet_enumeration_warnings
 from .errors import Interrupted, PyrovaeError
-from .objectives import elbo_loss
+from .objectives import elbo_loss, loss as objective_loss
 from .pictures import save_run_pictures
 from .plots import save_loss_curve
 from .run import BEST, CHECKPOINT, Run, load_state, set_random_states
@@ -127,6 +127,11 @@ class TrainingSession:
         check_binarizable(data.train, d["binarize"])
         sample = data.train[:8] if d["binarize"] == "none" else static_binarized(data.train[:8], config.seed)
         contract.check(model.model, model.guide, sample.to(device), "the training data")
+        probe = objective_loss(config.objective, model.model, model.guide, config.num_particles)
+        probe.discrete(sample.to(device))  # refuses, before any folder is written, an objective that cannot train the discrete sites
+        if d.get("labelled") and data.train_labels is not None:
+            probe.discrete(Labelled(sample.to(device), data.train_labels[:8].to(device)))
+        self.estimators = probe.estimators  # "unlabelled"/"labelled" → the estimator training uses
         if d.get("labelled") and self.size > 1:
             raise PyrovaeError("training with `labelled` runs in one process: its labelled and unlabelled batches are not sharded")
         if d.get("labelled"):  # semi-supervised: N labels kept, N/C per class (Kingma et al. 2014), the rest unlabelled

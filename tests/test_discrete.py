@@ -306,7 +306,7 @@ def test_enum_objective_sums_out_a_discrete_site_the_guide_draws_unmarked(float6
     exact = exact_drawn_site_elbo(t, x, torch.tensor([0.5, -0.3, 0.2])).sum()
     summed = torch.allclose(-loss_fn(x), exact, rtol=1e-12)
     assert summed == (objective == "enum")
-    assert ("TraceEnum_ELBO (enumerated: c)" in loss_fn.estimators[((), ())]) == (objective == "enum")
+    assert ("TraceEnum_ELBO (enumerated: c)" in loss_fn.estimators["unlabelled"]) == (objective == "enum")
 
 
 # refusals, one line each
@@ -412,6 +412,6 @@ def test_pyro_ss_vae_example_keeps_the_contract_and_trains_by_enumeration():
     assert contract.check(module.model, module.guide, x).enumerated == ("y",)
     loss_fn = objectives.loss("elbo", module.model, module.guide)
     assert torch.isfinite(loss_fn(x)) and torch.isfinite(loss_fn(Labelled(x, torch.tensor([0, 1, 2, 0, 1, 2]))))
-    assert loss_fn.estimators == {((), ()): "TraceEnum_ELBO (enumerated: y)", ((False,), ()): "Trace_ELBO"}
+    assert loss_fn.estimators == {"unlabelled": "TraceEnum_ELBO (enumerated: y)", "labelled": "Trace_ELBO"}
     terms = evidence.log_weights(module.model, module.guide, x, 10)
     assert set(terms.log_likelihood) == {"x"} and terms.kl_method["y"] == "not applicable: p(y | ·) may depend on z, which the guide draws after y"

@@ -167,7 +167,7 @@ def test_m2_elbo_summed_over_y_in_training_is_the_elbo_of_the_weights(float64, m
     drawn = estimators.elbo(terms.log_w)
     difference = replicates.mean() - drawn.value.sum()
     stderr = math.sqrt(replicates.var().item() / len(replicates) + drawn.stderr.pow(2).sum().item())
-    assert "TraceEnum_ELBO (enumerated: y)" in loss_fn.estimators[((), ())]
+    assert "TraceEnum_ELBO (enumerated: y)" in loss_fn.estimators["unlabelled"]
     assert (abs(difference.item()) < 4 * stderr) == (variant == "correct"), (difference, stderr)
 
 
@@ -184,7 +184,7 @@ def test_m2_labelled_batches_add_the_classifier_term(float64):
     without = loss_fn(Labelled(x, y))
     log_q = torch.log_softmax(module.encoder_y(x), -1).gather(1, y[:, None]).sum()
     assert torch.allclose(with_term - without, -7.0 * log_q, rtol=1e-12)
-    assert loss_fn.estimators[((False,), ())] == "Trace_ELBO"
+    assert loss_fn.estimators["labelled"] == "Trace_ELBO"
 
 
 def test_accuracy_and_its_binomial_standard_error():
@@ -225,6 +225,7 @@ def test_train_labelled_evaluate_accuracy_and_sample_per_class(tmp_path, capsys)
     run = tmp_path / "m2"
     assert main(["train", "--dataset", "digits", "--labelled", "50", "--epochs", "2", "--hidden", "32", "--latent-dim", "4",
                  "--batch-size", "128", "--out", str(run), "--no-progress"]) == 0
+    assert "objective elbo: TraceEnum_ELBO (enumerated: y) on unlabelled batches; Trace_ELBO on labelled batches" in capsys.readouterr().out
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["labelled"] == 50 and config["model"]["factory"] == "pyrovae.models:m2"
     capsys.readouterr()

@@ -291,6 +291,8 @@ def train(args, device: torch.device) -> int:
     session = TrainingSession(run_, data, device, resume=bool(args.resume), new_lr=args.lr is not None,
                               overwrite=bool(args.overwrite), checkpoint_every=args.checkpoint_every,
                               tensorboard=bool(args.tensorboard), progress=not args.no_progress)
+    if session.main_process and any("TraceEnum" in e or "score-function" in e for e in session.estimators.values()):  # discrete sites
+        print(f"objective {session.config.objective}: " + "; ".join(f"{e} on {what} batches" for what, e in session.estimators.items()))
     if session.resumed is not None and session.main_process:
         epoch, steps = session.resumed
         where = f" and {steps} steps" if steps else ""
