@@ -117,6 +117,36 @@ def test_enumerated_site_is_summed_into_the_prior_of_the_site_it_conditions(floa
     assert set(estimators.kl(terms)) == {"z"}
 
 
+@pytest.mark.parametrize("variant", list(BROKEN_SUM))
+def test_a_component_the_data_depend_on_is_summed_with_the_likelihood(float64, monkeypatch, variant):
+    """x | z, c as well as z | c: log Σ_c π_c p(z | c) p(x | z, c) goes to the likelihood, written
+    out here on the guide's own draws."""
+    if BROKEN_SUM[variant] is not None:
+        monkeypatch.setattr(evidence, "sum_out", BROKEN_SUM[variant])
+    t = mixture_parameters()
+    shift = torch.randn(C, P, generator=torch.Generator().manual_seed(9))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(t["pi"]), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(t["mu"][c], t["sd"][c]).to_event(1))
+            pyro.sample("x", dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).to_event(1), obs=x)
+
+    _, _, guide = mixture_models(t)
+    x = mixture_data(t)
+    pyro.set_rng_seed(4)
+    terms = evidence.log_weights(model, guide, x, 7)
+    pyro.set_rng_seed(4)
+    with pyro.plate("particles", 7, dim=-2):
+        z = pyro.poutine.trace(guide).get_trace(x).nodes["z"]["value"]  # (7, N, D)
+    by_hand = torch.logsumexp(torch.stack([
+        torch.log(t["pi"][c]) + dist.Normal(t["mu"][c], t["sd"][c]).log_prob(z).sum(-1)
+        + dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).log_prob(x).sum(-1) for c in range(C)]), 0)
+    assert set(terms.log_likelihood) == {"x"} and terms.latent_sites == []
+    same = torch.allclose(terms.log_likelihood["x"], by_hand, rtol=0, atol=1e-10)
+    assert same == torch.allclose(terms.log_w, by_hand - terms.log_q["z"], rtol=0, atol=1e-10) == (variant == "correct")
+
+
 # a fully discrete model: x | c1, c2 ~ Bernoulli(θ_{c1} · φ_{c2}), c1 ~ Cat(π1), c2 ~ Cat(π2)
 
 def discrete_parameters():
