@@ -156,3 +156,14 @@ def test_every_command_is_in_the_command_line_reference():
     assert {"train", "evaluate", "compare"} <= commands
     shown = set(re.findall(r"^```\{pyrovae-help\} (\S+)", (DOCS / "cli.md").read_text(encoding="utf-8"), re.MULTILINE))
     assert commands == shown, f"commands without a reference: {sorted(commands - shown)}; unknown: {sorted(shown - commands)}"
+
+
+def test_every_built_in_component_is_on_the_components_page():
+    """A prior, likelihood, guide or model registered today is listed on the page the reader checks."""
+    from pyrovae.guides import GUIDES
+    from pyrovae.models import LIKELIHOODS, MODELS, PRIORS
+
+    page = (DOCS / "components.md").read_text(encoding="utf-8")
+    for registry in (PRIORS, LIKELIHOODS, GUIDES, MODELS):
+        missing = [name for name in registry.names() if f"`{name}`" not in page]
+        assert not missing, f"docs/components.md does not name the {registry.kind}s {missing}"
