@@ -113,9 +113,10 @@ def site_log_probs(
             terms.log_likelihood[name] = log_p
             continue
         terms.log_prior[name] = log_p
-    for name, q_site in sample_sites(guide_trace):
-        if name not in model_trace.nodes:
+    for name, site in sample_sites(model_trace):  # in the model's order, as the sites above
+        if site["is_observed"] or name not in guide_trace.nodes:
             continue
+        q_site = guide_trace.nodes[name]
         check_data_plate(name, q_site, "guide")
         terms.log_q[name] = unscaled_log_prob(name, q_site, shape, compiled)
         if name not in terms.log_prior:
