@@ -356,7 +356,8 @@ def pythae_with_stderr(model, x, K, args) -> tuple[torch.Tensor, torch.Tensor, d
 
 def pyrovae_batch_size(args) -> int:
     """(a)'s points per pass: ``--batch-size``, else evaluate's default for the device and K."""
-    return args.batch_size or default_batch_size(args.samples, args.device)
+    captured = "capture" in inspect.signature(evaluate).parameters  # evaluate's default: the captured pass
+    return args.batch_size or default_batch_size(args.samples, args.device, captured)
 
 
 def _block_size(args, N: int) -> int:

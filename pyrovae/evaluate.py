@@ -37,11 +37,24 @@ DEFAULT_IWAE_KS = (1, 5, 50, 5000)
 PASS_SIZE = {"cpu": 5000, "cuda": 500_000}  # draws per pass when the batch size is not given, by device
 
 
-def default_batch_size(num_samples: int, device) -> int:
+CAPTURED_POINTS_PER_PASS = 10  # on CPU with the captured pass: points per pass, their draws in chunks (default_chunk_size)
+
+
+def default_batch_size(num_samples: int, device, captured: bool = False) -> int:
     """Points per pass: about ``PASS_SIZE`` draws. On CPU one point with all its K = 5000 draws
-    measured fastest; on a GPU (H200) 100 points per pass ran 8× faster than one, being
-    launch-bound (2 204 against 163 points/s)."""
-    return max(1, PASS_SIZE.get(torch.device(device).type, PASS_SIZE["cpu"]) // num_samples)
+    measured fastest eagerly; with the captured pass (``captured``), at least
+    ``CAPTURED_POINTS_PER_PASS`` points, their K draws in chunks (:func:`default_chunk_size`), which
+    shares the costs paid once per pass (the ELBO pass, PSIS k̂) among them. On a GPU (H200) 100
+    points per pass ran 8× faster than one, being launch-bound (2 204 against 163 points/s)."""
+    points = max(1, PASS_SIZE.get(torch.device(device).type, PASS_SIZE["cpu"]) // num_samples)
+    return max(points, CAPTURED_POINTS_PER_PASS) if captured and torch.device(device).type == "cpu" else points
+
+
+def default_chunk_size(num_samples: int, batch_size: int, device) -> int | None:
+    """Particles per pass for ``batch_size`` points: all K (None) where the pass holds at most
+    ``PASS_SIZE`` draws, else ``PASS_SIZE`` / batch_size, so that memory stays that of one pass."""
+    per_pass = PASS_SIZE.get(torch.device(device).type, PASS_SIZE["cpu"])
+    return None if batch_size * num_samples <= per_pass else max(1, per_pass // batch_size)
 
 
 @dataclass
@@ -334,7 +347,7 @@ def evaluate(
     if gap_settings is not None:
         gap_settings.check()
     surgery = bool(gaps) if surgery is None else surgery
-    batch_size = default_batch_size(num_samples, x.device) if batch_size is None else batch_size
+    batch_size = default_batch_size(num_samples, x.device, capture) if batch_size is None else batch_size
     if batch_size < 1:
         raise PyrovaeError(f"`batch_size` must be at least 1, got {batch_size}")
     if chunk_size is not None and chunk_size < 1:
@@ -345,6 +358,8 @@ def evaluate(
     if compile == "auto":
         compile = compile_pays(len(x), num_samples, x.device)
     captured = CapturedLogWeights(model, guide, "inductor" if compile else "graph") if capture else None
+    if capture and chunk_size is None:
+        chunk_size = default_chunk_size(num_samples, batch_size, x.device)
     ks = sorted({k for k in iwae_ks if k <= num_samples} | {num_samples})
     N = len(x)
     # Results are written into tensors of length N allocated once: keeping thousands of small

@@ -159,7 +159,7 @@ def _run(args, options: dict) -> int:
         run_, module, device = open_run(args)
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     start = time.perf_counter()
-    batch = default_batch_size(args.samples, device) if args.batch_size is None else args.batch_size
+    batch = default_batch_size(args.samples, device, args.capture) if args.batch_size is None else args.batch_size
     if args.compile == "auto":  # decided for all the points, not for each process's share
         args.compile = compile_pays(len(x), args.samples, device)
     shard_particles = args.shard_particles and size > 1
