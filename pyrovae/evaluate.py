@@ -285,9 +285,10 @@ def evaluate(
     2. K = ``num_samples`` draws per point, ``chunk_size`` at a time: log p(x), the IWAE bounds
        L_k for k in ``iwae_ks`` (and K), the gap log p(x) − ELBO, ESS and PSIS k̂.
 
-    ``batch_size`` defaults to :func:`default_batch_size`: a pass of about 5000 draws on CPU (for
-    K = 5000, one point with all its draws was faster than batches of points in chunks) and 500 000
-    on a GPU; ESS and PSIS k̂ are computed for the whole pass at once.
+    ``batch_size`` defaults to :func:`default_batch_size`: a pass of about 5000 draws on CPU (eagerly,
+    for K = 5000, one point with all its draws was faster than batches of points in chunks; with the
+    captured pass, 10 points in chunks of :func:`default_chunk_size` draws) and 500 000 on a GPU;
+    ESS and PSIS k̂ are computed for the whole pass at once.
     ``compile`` computes every site's log-density with ``torch.compile``; ``"auto"`` does so only
     where it pays for itself (:func:`compile_pays`): compiling costs about half a minute on two CPU
     cores and then runs the log-densities about 2.5× as fast, and on a GPU it was slower.
