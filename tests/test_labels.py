@@ -234,6 +234,8 @@ def test_train_labelled_evaluate_accuracy_and_sample_per_class(tmp_path, capsys)
     assert "classifier q(y | x): accuracy" in out
     summary = json.loads((tmp_path / "e.json").read_text())["summary"]
     assert 0 <= summary["classifier_accuracy"]["y"]["value"] <= 1
+    assert main(["evaluate", str(run), "-k", "20", "--limit", "4", "--gaps", "--no-progress"]) == 2
+    assert "--gaps does not apply to a model with discrete latent sites (y)" in capsys.readouterr().err
     assert main(["sample", str(run), "--per-class", "-n", "4", "--out", str(tmp_path / "c.png")]) == 0
     with Image.open(tmp_path / "c.png") as image:
         assert image.size == (4 * 9 + 1, 10 * 9 + 1)  # 4 columns, one row per class, 8 × 8 digits with 1-pixel padding
