@@ -213,12 +213,13 @@ TABLE_ROW = r"^  {} gap .*?\s(-?\d+\.\d{{3}})\s+(\d+\.\d{{3}})$"  # a gap's row 
 
 @pytest.fixture(scope="module")
 def gaps_command(run_dir, tmp_path_factory):
-    """``pyrovae evaluate --gaps`` on 24 digits (printed output, JSON) and the same evaluation from Python."""
+    """``pyrovae evaluate --gaps --ais`` on 24 digits (printed output, JSON) and the same evaluation from Python."""
     folder = tmp_path_factory.mktemp("gaps")
     out, png = folder / "e.json", folder / "gaps.png"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["evaluate", str(run_dir), *GAP_OPTIONS, "--gaps", "--json", str(out), "--gaps-plot", str(png)]) == 0
+        assert main(["evaluate", str(run_dir), *GAP_OPTIONS, "--gaps", "--json", str(out), "--gaps-plot", str(png),
+                     "--ais", "--ais-steps", "10", "--ais-chains", "2", "--ais-leapfrog", "2"]) == 0
     run, module, _ = open_run(Namespace(run_dir=run_dir, device="cpu", seed=0, checkpoint="last"))
     x = run.eval_split(run.dataset(), "test")[:24]
     python = {seed: evaluate(module.model, module.guide, x, 200, particles_elbo=50, seed=seed, gaps=GAP_SETTINGS)
@@ -248,6 +249,10 @@ def gaps_problems(printed: str, report: dict, python) -> list[str]:
     if not torch.allclose(p["mutual_information_z"], python.surgery.sites["z"].mutual_information.value,
                           rtol=1e-10, atol=1e-12):
         problems.append("the command's mutual information differs from evaluate(..., gaps=...)")
+    ais = p["ais_log_px"] - p["elbo_optimal"]
+    if not torch.allclose(p["approximation_gap_ais"], ais, rtol=0, atol=1e-9) \
+            or s["gaps"]["approximation_ais"][0] != pytest.approx(ais.mean().item(), abs=1e-12):
+        problems.append("the approximation gap with AIS is not log p_AIS(x) − ELBO[q*]")
     beside = re.search(r"^active units: (\d+) of 4 latent dimensions .*I_q\(x; z\) = (\d+\.\d\d) ± (\d+\.\d\d) nats", printed, re.M)
     if beside is None or (float(beside[2]), float(beside[3])) != pytest.approx(tuple(information), abs=5e-3) \
             or int(beside[1]) != report["summary"]["active_units"]:
@@ -256,7 +261,7 @@ def gaps_problems(printed: str, report: dict, python) -> list[str]:
 
 
 @pytest.mark.slow  # the fixture evaluates 24 points three times with q* fitted (≈ 30 s on two busy cores)
-@pytest.mark.parametrize("variant", ["correct", "broken-swapped-gaps", "broken-other-seed"])
+@pytest.mark.parametrize("variant", ["correct", "broken-swapped-gaps", "broken-other-seed", "broken-ais-against-elbo"])
 def test_evaluate_gaps_command_reports_the_numbers_of_evaluate_in_python(gaps_command, variant):
     """The table, the JSON and the Python API agree point by point; the two gaps add up to the
     gaps' total per point, and that total agrees with the evaluation's own gap within 4 s.e."""
@@ -265,6 +270,9 @@ def test_evaluate_gaps_command_reports_the_numbers_of_evaluate_in_python(gaps_co
     if variant == "broken-swapped-gaps":
         p = report["per_point"]
         p["approximation_gap"], p["amortization_gap"] = p["amortization_gap"], p["approximation_gap"]
+    if variant == "broken-ais-against-elbo":  # AIS's log p(x) minus ELBO[q]: the total gap, not the approximation gap
+        p = report["per_point"]
+        p["approximation_gap_ais"] = [a - e for a, e in zip(p["ais_log_px"], p["gap_elbo"])]
     problems = gaps_problems(printed, report, python[1 if variant == "broken-other-seed" else 0])
     if variant == "correct":
         assert problems == []
@@ -273,5 +281,7 @@ def test_evaluate_gaps_command_reports_the_numbers_of_evaluate_in_python(gaps_co
         assert report["summary"]["gaps"]["families"] == {"z": "Normal"}
         assert report["summary"]["surgery"]["sites"]["z"]["active_units"] == report["summary"]["active_units"]
         assert png.stat().st_size > 1000
+        assert re.search(r"^approximation gap with AIS's log p\(x\), log p_AIS\(x\) − ELBO\[q\*\]: -?\d+\.\d{3} ± \d+\.\d{3} ",
+                         printed, re.M)
     else:
-        assert any("differs from evaluate" in p or "mean of the per-point" in p for p in problems), problems
+        assert any("differs from evaluate" in p or "mean of the per-point" in p or "with AIS" in p for p in problems), problems
