@@ -72,7 +72,10 @@ class LabelledVAE(nn.Module):
         self.register_buffer("_zero", torch.zeros(()))
 
     def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(y.long(), self.num_classes).to(like.dtype)
+        """(…,) class indices → (…, C) one-hot in ``like``'s dtype; a comparison, not ``F.one_hot``,
+        whose check of the values reads them on the host (a traced evaluation pass cannot)."""
+        classes = torch.arange(self.num_classes, device=y.device)
+        return (y.long()[..., None] == classes).to(like.dtype)
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(y | x), (…, C): the classifier's (M2), or zeros (the conditional VAE's uniform q)."""
