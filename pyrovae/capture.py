@@ -218,6 +218,8 @@ class CapturedStep:
                     self._eager_loss(x, *args, beta=beta)
         with fast_context(), torch.enable_grad():
             graph = graphs.trace(traced, *tensors, beta, *self._leaves)
+        if self.mode == "graph":  # replayed op by op: what depends on no input (the prior's constants) computed once
+            graph = graphs.fold_constants(graph)
         replay = graphs.replay(graph, self.mode, [*tensors, beta], self._leaves, what="captured step")
         self.graphs[key] = graph
         return replay

@@ -106,6 +106,7 @@ def trace(fn: Callable, *inputs: torch.Tensor, simplified: bool = True) -> torch
 
 _aten = torch.ops.aten
 _IDENTITY_IF_SAME = {_aten.alias.default, _aten.view.default, _aten.expand.default, _aten._unsafe_view.default}
+_INVOLUTIONS = {_aten.t.default, _aten.neg.default}  # f(f(a)) = a, exactly
 _NEUTRAL = {_aten.add.Tensor: 0, _aten.sub.Tensor: 0, _aten.mul.Tensor: 1, _aten.mul.Scalar: 1, _aten.div.Tensor: 1,
             _aten.pow.Tensor_Scalar: 1}
 
@@ -126,7 +127,8 @@ def _mutated(functions: list[torch.fx.Node]) -> set[torch.fx.Node]:
 
 def simplify(graph_module: torch.fx.GraphModule) -> None:
     """Drop operations that return their input unchanged (aliases, views and expansions to the same
-    shape and strides, + 0, × 1, ^ 1: each costs a Python call per replay), and turn
+    shape and strides, + 0, × 1, ^ 1, a transpose or a negation undone by the next: each costs a
+    Python call per replay), and turn
     ``ones_like``/``zeros_like`` (the seeds of backward passes) into constants, so that
     :func:`fold_constants` takes the chains that start from them. A tensor that an in-place
     operation writes to is left as it is (a copy made by + 0 stays a copy), so graphs with random
@@ -136,6 +138,16 @@ def simplify(graph_module: torch.fx.GraphModule) -> None:
     written = _mutated(functions)
     for node in functions:
         value, source = node.meta.get("val"), node.args[0] if node.args else None
+        if node.target in _INVOLUTIONS and isinstance(source, torch.fx.Node) and source.target is node.target:
+            # t(t(a)), neg(neg(a)): a itself where the layout is a's and nothing writes to any of them
+            original = source.args[0]
+            before = original.meta.get("val") if isinstance(original, torch.fx.Node) else None
+            if (isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor) and value.shape == before.shape
+                    and value.dtype == before.dtype and value.stride() == before.stride()
+                    and not {node, source, original} & written):
+                node.replace_all_uses_with(original)
+                graph.erase_node(node)
+                continue
         if node.target in (_aten.ones_like.default, _aten.zeros_like.default) and isinstance(value, torch.Tensor):
             if node in written:
                 continue
@@ -160,17 +172,61 @@ def simplify(graph_module: torch.fx.GraphModule) -> None:
         if neutral and node not in written and source not in written:
             node.replace_all_uses_with(source)
             graph.erase_node(node)
+    _merge_repeats(graph, written)
     graph.eliminate_dead_code()
     graph_module.recompile()
 
 
+def _merge_repeats(graph: torch.fx.Graph, written: set[torch.fx.Node]) -> None:
+    """Compute once what the graph computes twice: a pure operation (not random, writing nothing,
+    its result written by nothing) called again on the same arguments is replaced by the first call."""
+    first: dict = {}
+    for node in list(graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or node in written \
+                or target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+            continue
+        try:
+            key = (target, _hashable(node.args), _hashable(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(value)
+    if isinstance(value, (bool, int, float)):  # 2 and 2.0 are the same key otherwise, not the same operation
+        return (type(value).__name__, value)
+    if isinstance(value, torch.Tensor):
+        raise TypeError("a tensor argument: compared by value, not merged")
+    return value
+
+
 def fold_constants(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The graph with every part that depends on no input computed once, on its first call, and
-    kept (``torch.fx.experimental.const_fold``). For graphs without random operations: a folded
-    random draw would be drawn once."""
+    kept (``torch.fx.experimental.const_fold``). Random operations, in-place writes and the
+    tensors they write to are never folded, nor is anything computed from them: each call draws
+    afresh."""
+    written = _mutated([n for n in graph_module.graph.nodes if n.op == "call_function"])
+
+    def per_call(node: torch.fx.Node) -> bool:
+        target = node.target
+        return node in written or (isinstance(target, torch._ops.OpOverload) and (
+            target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags))
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # const_fold warns about the attributes it creates
-        return split_const_subgraphs(graph_module)
+        return split_const_subgraphs(graph_module, skip_folding_node_fn=per_call)
 
 
 def refold(graph_module: torch.fx.GraphModule) -> None:
