@@ -278,7 +278,7 @@ def compiled(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], what: 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
     run = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
     try:
-        with torch.no_grad(), inductor_config.patch(fallback_random=eager_noise):
+        with torch.no_grad(), inductor_config.patch(fallback_random=True) if eager_noise else contextlib.nullcontext():
             run(*inputs)
     except Exception as e:
         message = str(e).strip()
