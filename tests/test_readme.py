@@ -155,6 +155,10 @@ def test_the_readme_is_a_front_page():
     ]
     for target in re.findall(r"\]\(((?:docs|examples)/[^)#]+)", text):
         assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+    for target, anchor in re.findall(r"\]\((docs/[^)#]+\.md)#([^)]+)\)", text):
+        headings = re.findall(r"^#+ (.+)$", (ROOT / target).read_text(encoding="utf-8"), re.MULTILINE)
+        slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+        assert anchor in slugs, f"README links to {target}#{anchor}: no such heading"
 
 
 def test_shrinking_caps_sizes_and_keeps_the_rest():
