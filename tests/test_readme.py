@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs").glob("*/*.md"))]
 PAGES = [p for p in PAGES if "_build" not in p.parts and "generated" not in p.parts]
-FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
+FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```\s*$", re.DOTALL | re.MULTILINE)
 NOT_RUN = re.compile(r"^(?:%\s*not run:\s*(.*)|<!--\s*not run:\s*(.*?)\s*-->)$")
 SHELL = {"bash", "sh", "shell", "console"}
 
@@ -147,10 +147,10 @@ def test_every_code_block_runs_or_says_why_not(page):
 def test_the_readme_is_a_front_page():
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 200
-    setup = [b for b in blocks(README) if b.language == "shell"][0]
+    setup = next(b for b in blocks(README) if b.language == "shell")
     assert setup.code.splitlines() == [
-        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pyrovae train --out runs/digits"
-        " && .venv/bin/pyrovae evaluate runs/digits",
+        ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pyrovae train --out runs/digits"
+         " && .venv/bin/pyrovae evaluate runs/digits"),
         ".venv/bin/python -m pytest",
     ]
     for target in re.findall(r"\]\(((?:docs|examples)/[^)#]+)", text):
@@ -197,7 +197,7 @@ def test_python_blocks_run_in_order(page, tmp_path, monkeypatch, capsys, registr
     namespace = {"__name__": "__docs__"}
     for block in blocks(page):
         if block.language == "python" and block.not_run is None:
-            exec(compile(block.code, block.where, "exec"), namespace)
+            exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102 -- the page's own code, as a reader runs it
     assert capsys.readouterr().out or page == README  # the pages' blocks print what they show
 
 
@@ -218,5 +218,5 @@ def test_shell_blocks_run_in_order(page, tmp_path, monkeypatch, capsys, registri
                 argv = shrunk(argv)
                 assert main(argv[1:]) == 0, f"{block.where}: {shlex.join(argv)} failed:\n{capsys.readouterr().err[-3000:]}"
             else:
-                done = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                done = subprocess.run([sys.executable, *argv[1:]], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
                 assert done.returncode == 0, f"{block.where}: {shlex.join(argv)} failed:\n{done.stderr[-3000:]}"
