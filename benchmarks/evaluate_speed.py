@@ -545,8 +545,9 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
         call(name, x[:1])
         sync()
         warmup_s[name] = time.perf_counter() - start
-        if args.device == "cuda":  # and one block, untimed: the kernels of its shapes, the caching allocator's memory
-            call(name, x[:block])
+        # and one block, untimed: the shapes of a block's passes (their captures and compiles; on CUDA, their kernels
+        # and the caching allocator's memory)
+        call(name, x[:block])
 
     # Each repeat runs every method on each block of points in turn, the order rotating from block to
     # block, so that the load of a shared machine falls on all methods alike; per block, each method's
@@ -624,8 +625,8 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
         bs = args.pythae_batch_size
         results["pythae"]["options"] = {"batch_size": bs, "n_samples": K}
         results["pythae"]["version"] = getattr(pythae, "__version__", None) or _dist_version("pythae")
-        # the warm-up point (and block, on CUDA), the timed repeats and the recording pass
-        points_seen = 1 + (block if args.device == "cuda" else 0) + (args.repeats + 1) * N
+        # the warm-up point and block, the timed repeats and the recording pass
+        points_seen = 1 + block + (args.repeats + 1) * N
         results["pythae"]["samples_per_point_used"] = pythae_model.decoder.rows / points_seen
         results["pythae"]["encoder_rows_per_point"] = pythae_model.encoder.rows / points_seen
         results["pythae"]["check"] = pythae_check
