@@ -75,7 +75,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 from tqdm.auto import tqdm
 
-from . import diagnostics, estimators, evidence, latents
+from . import contract, diagnostics, estimators, evidence, latents
 from .context import fast_context
 from .errors import PyrovaeError
 from .estimators import Estimate
@@ -362,9 +362,20 @@ def amortization_gap(elbo_optimal: Estimate, elbo: Estimate) -> Estimate:
     return estimators.difference(elbo_optimal, elbo)
 
 
-def check_supported(guide: Callable, x: torch.Tensor) -> dict[str, str]:
+def check_continuous(model: Callable, guide: Callable, x: torch.Tensor, what: str = "`gaps`") -> None:
+    """PyrovaeError, in one line naming ``what``, for a model with discrete latent sites (summed out,
+    enumerated or drawn): q* and the aggregate posterior are densities of continuous latents."""
+    discrete = contract.check(model, guide, x[:2])
+    if discrete.any:
+        sites = ", ".join(discrete.summed + discrete.enumerated + discrete.sampled)
+        raise PyrovaeError(f"{what} does not apply to a model with discrete latent sites ({sites}): evaluate without it")
+
+
+def check_supported(model: Callable, guide: Callable, x: torch.Tensor) -> dict[str, str]:
     """The family of each latent site of the guide, {site: family}; PyrovaeError, in one line, for a
-    site outside :data:`FAMILIES` or one whose distribution depends on another latent sample."""
+    model with discrete latent sites (:func:`check_continuous`), a site outside :data:`FAMILIES` or
+    one whose distribution depends on another latent sample."""
+    check_continuous(model, guide, x)
     dependent = _dependent_site(latent_parents(guide, x))
     if dependent is not None:
         name, found = dependent
@@ -488,7 +499,7 @@ def inference_gaps(model: Callable, guide: Callable, x: torch.Tensor, settings: 
     settings.check()
     if len(x) == 0:
         raise PyrovaeError("no data points for the inference gaps")
-    check_supported(guide, x)
+    check_supported(model, guide, x)
     N = len(x)
     out: dict[str, torch.Tensor] = {}
     families: dict[str, str] = {}
@@ -656,6 +667,7 @@ def surgery(model: Callable, guide: Callable, x: torch.Tensor, num_particles: in
     N = len(x)
     if N < 2:
         raise PyrovaeError(f"ELBO surgery needs at least 2 points (an aggregate posterior), got {N}")
+    check_continuous(model, guide, x, "`surgery`")
     guide_parents, model_parents = latent_parents(guide, x), latent_parents(model, x)
     skipped = {name: f"its guide distribution depends on the latent sample(s) {', '.join(map(repr, found))}"
                for name, found in guide_parents.items() if found}

@@ -20,6 +20,7 @@ variant of the code (``BROKEN``).
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.estimators import Estimate
 from pyrovae.evaluate import evaluate
 from pyrovae.guides import IAFEncoder, LinearGaussianGuide
-from pyrovae.models import PPCA, HierarchicalLinearGaussian, TwoLayerVAE
+from pyrovae.models import PPCA, HierarchicalLinearGaussian, TwoLayerVAE, m2
 
 pytestmark = pytest.mark.usefixtures("one_thread", "float64")
 
@@ -299,6 +300,27 @@ def test_guides_outside_the_families_are_refused_in_one_line():
     two = TwoLayerVAE(8, top_dim=2, bottom_dim=3, hidden=(8,), top_hidden=(8,))
     with pytest.raises(PyrovaeError, match=r"site 'z1' depends on the latent sample\(s\) 'z2'"):
         gaps.inference_gaps(two.model, two.guide, x)
+
+
+@pytest.mark.parametrize("variant", ["correct", "broken-no-check"])
+def test_models_with_discrete_latent_sites_are_refused_in_one_line(monkeypatch, variant):
+    """M2's class y is summed out: q* and the aggregate posterior are densities of continuous latents only."""
+    if variant != "correct":
+        monkeypatch.setattr(gaps, "check_continuous", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((4, 8), 0.5))
+    labelled = m2(8, num_classes=3, latent_dim=2, hidden=(8,))
+    refused = []
+    for call, name in ((lambda: gaps.inference_gaps(labelled.model, labelled.guide, x, gaps.GapSettings(steps=2)), "gaps"),
+                       (lambda: gaps.surgery(labelled.model, labelled.guide, x), "surgery")):
+        try:
+            call()
+        except Exception as e:  # the broken variant fails, if at all, somewhere else
+            refused.append(isinstance(e, PyrovaeError) and re.match(
+                rf"`{name}` does not apply to a model with discrete latent sites \(y\): [^\n]*$", str(e)) is not None)
+        else:
+            refused.append(False)
+    assert refused == ([True, True] if variant == "correct" else [False, False])
 
 
 def test_hierarchical_full_covariance_guide_is_refused_and_its_diagonal_one_supported():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pyrovae import ais as ais_, contract, distributed, gaps as gaps_, latents
+from pyrovae import ais as ais_, distributed, gaps as gaps_, latents
 from pyrovae.errors import PyrovaeError
 from pyrovae.traces import quiet_enumeration_warnings
 from pyrovae.evaluate import DEFAULT_IWAE_KS, cat, classifier_accuracy, compile_pays, default_batch_size, evaluate, to_inference_data
@@ -159,11 +159,10 @@ def _run(args, options: dict) -> int:
     with quiet_enumeration_warnings():  # loading finds the parameters by a Trace_ELBO pass
         run_, module, device = open_run(args)
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
-    if args.gap_settings is not None:
-        discrete = contract.check(module.model, module.guide, x[:8])
-        if discrete.any:  # the per-point fit moves continuous latents' parameters
-            raise PyrovaeError(f"--gaps does not apply to a model with discrete latent sites "
-                               f"({', '.join(discrete.summed + discrete.enumerated + discrete.sampled)}): evaluate without it")
+    if args.gap_settings is not None:  # refused before the evaluation, not after it
+        gaps_.check_supported(module.model, module.guide, x)
+    elif args.surgery:
+        gaps_.check_continuous(module.model, module.guide, x, "`surgery`")
     start = time.perf_counter()
     batch = default_batch_size(args.samples, device, args.capture) if args.batch_size is None else args.batch_size
     if args.compile == "auto":  # decided for all the points, not for each process's share
