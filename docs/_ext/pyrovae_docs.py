@@ -38,7 +38,7 @@ ROOT = DOCS.parent
 # source folder → the package it is installed as (models/ and guides/ are mapped in pyproject.toml)
 PACKAGES = {"pyrovae": "pyrovae", "pyrovae/cli": "pyrovae.cli", "models": "pyrovae.models", "guides": "pyrovae.guides"}
 NOT_DOCUMENTED = {"pyrovae.__main__"}  # running it runs the command line
-AUTOMODULE = re.compile(r"^\s*\.\. automodule::\s+([\w.]+)", re.M)
+AUTOMODULE = re.compile(r"^\s*\.\. automodule::\s+([\w.]+)", re.MULTILINE)
 
 
 def all_modules() -> list[str]:
@@ -148,7 +148,7 @@ def parses_cleanly(block: list[str]) -> bool:
         docutils.core.publish_doctree(
             text, settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": stream, "file_insertion_enabled": False}
         )
-    except Exception:  # a Sphinx directive (``.. math::``) needs Sphinx's environment: Sphinx judges it
+    except Exception:  # noqa: BLE001 -- a Sphinx directive (``.. math::``) needs Sphinx's environment: Sphinx judges it
         return True
     return not stream.getvalue()
 
