@@ -118,6 +118,8 @@ class Run:
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
+        """The run folder at ``path``, as ``pyrovae train`` wrote it (its ``config.json`` read and
+        checked); a :class:`~pyrovae.errors.PyrovaeError` names what is wrong with one that is not."""
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise PyrovaeError(f"{path} is not a run folder (no {CONFIG}): give the folder that pyrovae train wrote")
