@@ -356,6 +356,10 @@ def evaluate(
     if len(x) == 0:
         raise PyrovaeError("no data points to evaluate")
     contract.check(model, guide, x[:8], "the data to evaluate")
+    if gap_settings is not None:  # refused before the evaluation's passes, not after them
+        gaps_.check_supported(model, guide, x)
+    elif surgery:
+        gaps_.check_continuous(model, guide, x, "`surgery`")
     if compile == "auto":
         compile = compile_pays(len(x), num_samples, x.device)
     captured = CapturedLogWeights(model, guide, "inductor" if compile else "graph") if capture else None

@@ -29,6 +29,7 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 from pyrovae import gaps
 from pyrovae.errors import PyrovaeError
 from pyrovae.estimators import Estimate
+from pyrovae import evaluate as evaluate_module
 from pyrovae.evaluate import evaluate
 from pyrovae.guides import IAFEncoder, LinearGaussianGuide
 from pyrovae.models import PPCA, HierarchicalLinearGaussian, TwoLayerVAE, m2
@@ -321,6 +322,20 @@ def test_models_with_discrete_latent_sites_are_refused_in_one_line(monkeypatch, 
         else:
             refused.append(False)
     assert refused == ([True, True] if variant == "correct" else [False, False])
+
+
+@pytest.mark.parametrize("option", ["gaps", "surgery"])
+def test_evaluate_refuses_a_discrete_model_before_its_passes(monkeypatch, option):
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the points were evaluated before the refusal")
+
+    monkeypatch.setattr(evaluate_module, "log_weights", evaluated)
+    monkeypatch.setattr(evaluate_module, "importance_log_weights", evaluated)
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((4, 8), 0.5))
+    labelled = m2(8, num_classes=3, latent_dim=2, hidden=(8,))
+    with pytest.raises(PyrovaeError, match=rf"^`{option}` does not apply to a model with discrete latent sites \(y\)"):
+        evaluate(labelled.model, labelled.guide, x, num_samples=5, **{option: True})
 
 
 def test_hierarchical_full_covariance_guide_is_refused_and_its_diagonal_one_supported():
