@@ -79,6 +79,9 @@ def test_new_results_files_reach_the_tables(tmp_path, monkeypatch):
     quality["command"] = "python benchmarks/quality.py --configs iwae5 --epochs 10 --output-bias zero"
     quality["settings"].update(minutes=None, epochs=10, output_bias="zero")
     (results / "quality_15min_today.json").write_text(json.dumps(quality))
+    screen = json.loads((results / "quality_15min_elu_iwae5.json").read_text())
+    screen["benchmark"] = "quality"
+    (results / "screen_named_otherwise.json").write_text(json.dumps(screen))  # found by its "benchmark"
     monkeypatch.setattr(tables, "RESULTS", results)
 
     out = {path.name: text for path, text in tables.render().items()}
@@ -88,7 +91,7 @@ def test_new_results_files_reach_the_tables(tmp_path, monkeypatch):
     assert "evaluate_speed_cuda.json" in out["evaluate_speed.md"] and "| 99.0 |" in out["evaluate_speed.md"]
     other = out["quality_other.md"]
     assert "quality_15min_today.json" in other and "**−80.00 ± 0.20**" in other and f"`{quality['command']}`" in other
-    assert "--epochs 10 --output-bias zero" in other
+    assert "--epochs 10 --output-bias zero" in other and "screen_named_otherwise.json" in other
     headline = tables.headline()
     assert "−80.00 ± 0.20 nats" in headline and "after 10 epochs" in headline  # the best number, wherever its file is
     assert "Every quality results file" in tables.quality_other({p.name for p in results.glob("*.json")})[0]
