@@ -147,6 +147,30 @@ def test_a_component_the_data_depend_on_is_summed_with_the_likelihood(float64, m
     assert same == torch.allclose(terms.log_w, by_hand - terms.log_q["z"], rtol=0, atol=1e-10) == (variant == "correct")
 
 
+@pytest.mark.parametrize("with_enumeration, variant", [(False, "correct"), (True, "correct"), (True, "broken-any-dim-summed")],
+                         ids=["alone", "beside-an-enumerated-site", "broken-any-dim-summed"])
+def test_an_extra_batch_dimension_is_refused_not_summed(monkeypatch, with_enumeration, variant):
+    """An observed site with a batch dimension left of the particles that no enumeration made is a
+    contract error (declare it with .to_event), also in a model that enumerates another site."""
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            if with_enumeration:
+                pyro.sample("c", dist.Categorical(torch.ones(4) / 4), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 1), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=z.expand(2, 1, *z.shape[:-1], P)).to_event(1), obs=x)  # dim -4: no enumeration's
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 1), 1.0).to_event(1))
+
+    if variant != "correct":
+        monkeypatch.setattr(evidence, "check_enumeration_dims", lambda *args: None)
+        evidence.log_weights(model, guide, binary_points(), 5)  # summed over x's extra dim as if enumerated: no error
+        return
+    with pytest.raises(ContractError, match="site 'x' has log-probability shape \\(2, 1, 5, 8\\)"):
+        evidence.log_weights(model, guide, binary_points(), 5)
+
+
 # a fully discrete model: x | c1, c2 ~ Bernoulli(θ_{c1} · φ_{c2}), c1 ~ Cat(π1), c2 ~ Cat(π2)
 
 def discrete_parameters():
