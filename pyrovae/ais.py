@@ -90,7 +90,7 @@ ADAPT_FACTOR = 1.02
 TUNE_CHAINS = 2
 PASS_SIZE = 4096  # chains × points per pass when the batch size is not given
 AIS_STREAM = (0, 1)  # the key of AIS's draws under a seed, apart from the importance sampling's (see batch_seed)
-CAPTURE_MIN_EVALUATIONS = 500  # capture="auto" traces the density when a pass evaluates it at least this often
+CAPTURE_MIN_EVALUATIONS = 500  # capture="auto" traces the transition when a pass evaluates the density at least this often
 
 
 # ---------------------------------------------------------------- one pass: the chains of a batch of points
@@ -289,7 +289,7 @@ class AISSettings:
     start: Start = "guide"  # f_0: the guide q(z | x) or the prior p(z)
     batch_size: int | None = None  # points per pass; default: as many as fit PASS_SIZE chains
     capture: bool | Literal["auto"] = "auto"  # replay the HMC transition as a traced graph (hmc.CapturedTransition); "auto": when
-    # a pass evaluates it at least CAPTURE_MIN_EVALUATIONS times, so that tracing (≈ 0.15 s; ≈ 2 s the first time in a process) pays
+    # a pass evaluates the density at least CAPTURE_MIN_EVALUATIONS times, so that tracing (once per shape and process) pays
 
     def check(self) -> None:
         for name, value in (("steps T", self.num_steps), ("chains M", self.num_chains), ("leapfrog steps L", self.num_leapfrog)):
