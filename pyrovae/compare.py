@@ -232,7 +232,7 @@ def reading(la: str, lb: str, c: Comparison, z: float = SIGNIFICANT) -> str:
     amortization gap is smaller too, e.g. "B's better log p(x) (by 0.42 ± 0.05 nats per point)
     comes with a smaller amortization gap (by 0.80 ± 0.06): its encoder comes closer to the best q
     of its family at each point". A smaller gap of the better run says its bound is tighter, and
-    the model was trained on that tighter bound; neither gap smaller says the model itself fits
+    the model was trained on that tighter bound; no smaller gap says the model itself fits
     better. Without a difference in log p(x), it says which run's bound is tighter, if either.
     """
     if c.gaps is None:
@@ -251,7 +251,12 @@ def reading(la: str, lb: str, c: Comparison, z: float = SIGNIFICANT) -> str:
 
     smaller = [n for n in GAP_NAMES if significant(c.gaps[n], z) and sign * c.gaps[n].mean < 0]
     larger = [n for n in GAP_NAMES if significant(c.gaps[n], z) and sign * c.gaps[n].mean > 0]
-    larger_part = f"; its {' and '.join(amount(n) for n in larger)} {'is' if len(larger) == 1 else 'are'} larger" if larger else ""
+    def larger_by(names: list[str]) -> str:
+        by = " and ".join(f"{abs(c.gaps[n].mean):.2f} ± {c.gaps[n].paired_se:.2f}" for n in names)
+        return (f"its {names[0]} gap is larger by {by}" if len(names) == 1
+                else f"its {' and '.join(names)} gaps are larger by {by}")
+
+    larger_part = f"; {larger_by(larger)}" if larger else ""
     if winner is None:
         head = (f"{la} and {lb} do not differ in log p(x) by more than {z:g} paired s.e. "
                 f"({lp.mean:+.2f} ± {lp.paired_se:.2f} nats per point)")
@@ -264,7 +269,9 @@ def reading(la: str, lb: str, c: Comparison, z: float = SIGNIFICANT) -> str:
     if smaller:
         return (head + " comes with a smaller " + " and a smaller ".join(amount(n) for n in smaller) + ": "
                 + " and ".join(why[n] for n in smaller) + larger_part + ".")
-    return (head + " does not come from a tighter bound: neither gap is smaller ("
+    if larger:
+        return head + f" does not come from a tighter bound: {larger_by(larger)}; the model itself fits better, despite its looser bound."
+    return (head + " does not come from a tighter bound: neither gap differs ("
             + ", ".join(f"{n} {sign * c.gaps[n].mean:+.2f} ± {c.gaps[n].paired_se:.2f}" for n in GAP_NAMES)
             + f" for {winner}); the model itself fits better.")
 
