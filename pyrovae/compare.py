@@ -233,7 +233,7 @@ def reading(la: str, lb: str, c: Comparison, z: float = SIGNIFICANT) -> str:
     comes with a smaller amortization gap (by 0.80 ± 0.06): its encoder comes closer to the best q
     of its family at each point". A smaller gap of the better run says its bound is tighter, and
     the model was trained on that tighter bound; no smaller gap says the model itself fits
-    better. Without a difference in log p(x), it says which run's bound is tighter, if either.
+    better. Without a difference in log p(x), it says which run has the smaller gap, gap by gap.
     """
     if c.gaps is None:
         raise PyrovaeError("the comparison has no inference gaps: evaluate both runs with `gaps`")
@@ -251,6 +251,7 @@ def reading(la: str, lb: str, c: Comparison, z: float = SIGNIFICANT) -> str:
 
     smaller = [n for n in GAP_NAMES if significant(c.gaps[n], z) and sign * c.gaps[n].mean < 0]
     larger = [n for n in GAP_NAMES if significant(c.gaps[n], z) and sign * c.gaps[n].mean > 0]
+
     def larger_by(names: list[str]) -> str:
         by = " and ".join(f"{abs(c.gaps[n].mean):.2f} ± {c.gaps[n].paired_se:.2f}" for n in names)
         return (f"its {names[0]} gap is larger by {by}" if len(names) == 1
@@ -262,9 +263,9 @@ def reading(la: str, lb: str, c: Comparison, z: float = SIGNIFICANT) -> str:
                 f"({lp.mean:+.2f} ± {lp.paired_se:.2f} nats per point)")
         if not smaller and not larger:
             return head + ", nor in either gap."
-        tighter = ref if smaller else other
-        names = smaller if smaller else larger
-        return head + f"; {tighter}'s bound is tighter: a smaller " + " and a smaller ".join(amount(n) for n in names) + "."
+        return head + "; " + "; ".join(
+            f"{ref if n in smaller else other}'s {n} gap is smaller by {abs(c.gaps[n].mean):.2f} ± {c.gaps[n].paired_se:.2f}"
+            for n in GAP_NAMES if n in smaller or n in larger) + "."
     head = f"{winner}'s better log p(x) (by {abs(lp.mean):.2f} ± {lp.paired_se:.2f} nats per point)"
     if smaller:
         return (head + " comes with a smaller " + " and a smaller ".join(amount(n) for n in smaller) + ": "

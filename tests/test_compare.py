@@ -245,10 +245,16 @@ READINGS = {  # (log p(x), approximation, amortization), A − B → the sentenc
                                             "its family at each point; its approximation gap is larger by 0.20 ± 0.05."),
     "same-a-tighter": (((0.05, 0.1), (-0.3, 0.05), (0.0, 0.1)),
                        "A and B do not differ in log p(x) by more than 2 paired s.e. (+0.05 ± 0.10 nats per point); "
-                       "A's bound is tighter: a smaller approximation gap (by 0.30 ± 0.05)."),
+                       "A's approximation gap is smaller by 0.30 ± 0.05."),
     "same-b-tighter": (((0.05, 0.1), (0.0, 0.05), (0.4, 0.1)),
                        "A and B do not differ in log p(x) by more than 2 paired s.e. (+0.05 ± 0.10 nats per point); "
-                       "B's bound is tighter: a smaller amortization gap (by 0.40 ± 0.10)."),
+                       "B's amortization gap is smaller by 0.40 ± 0.10."),
+    "same-each-smaller-once": (((0.05, 0.1), (-0.3, 0.05), (0.4, 0.1)),
+                               "A and B do not differ in log p(x) by more than 2 paired s.e. (+0.05 ± 0.10 nats per point); "
+                               "A's approximation gap is smaller by 0.30 ± 0.05; B's amortization gap is smaller by 0.40 ± 0.10."),
+    "same-no-gap": (((0.05, 0.1), (0.01, 0.05), (-0.1, 0.1)),
+                    "A and B do not differ in log p(x) by more than 2 paired s.e. (+0.05 ± 0.10 nats per point), nor in "
+                    "either gap."),
 }
 
 
