@@ -41,12 +41,13 @@ def latent_means(guide: Callable, x: torch.Tensor, batch_size: int = 1024) -> di
     """E_q[z_s | x] at each latent site s, event dims flattened: x (N, P) → {site: (N, D_s)} float64.
 
     The mean of q at each site, later sites given the means of earlier ones (as reconstructions
-    use them); a draw where q has no closed-form mean (a flow).
+    use them); a draw where q has no closed-form mean (a flow). Discrete sites (a class label) have
+    no dimensions to be active or to traverse and are left out.
     """
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
-        for site, z in guide_means(guide, xb).items():
+        for site, z in guide_means(guide, xb, continuous_only=True).items():
             parts.setdefault(site, []).append(z.reshape(len(xb), -1).double().cpu())
     return {site: torch.cat(zs) for site, zs in parts.items()}
 

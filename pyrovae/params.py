@@ -19,13 +19,14 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 from .errors import PyrovaeError
+from .traces import quiet_enumeration_warnings
 
 
 def trainable(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
     """name → unconstrained leaf tensor of every param site the ELBO of (model, guide) touches on
     ``args``, in the order ``SVI`` meets them. Creates parameters that are initialized lazily."""
     elbo = Trace_ELBO(max_plate_nesting=1)
-    with poutine.trace(param_only=True) as capture:
+    with poutine.trace(param_only=True) as capture, quiet_enumeration_warnings():  # a pass for the parameters only
         elbo.differentiable_loss(model, guide, *args, **kwargs)
     return {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
 

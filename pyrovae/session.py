@@ -29,7 +29,6 @@ from . import contract, distributed, params as parameters
 from .context import fast_context
 from .data import Batches, Dataset, Labelled, LabelledBatches, check_binarizable, static_binarized
 from .sources import balanced_labelled
-from .traces import quiet_enumeration_warnings
 from .errors import Interrupted, PyrovaeError
 from .objectives import elbo_loss, loss as objective_loss
 from .pictures import save_run_pictures
@@ -143,8 +142,7 @@ class TrainingSession:
         self.batches = distributed.ShardedBatches(batches, self.rank, self.size) if self.size > 1 else batches
         self.test_x = self.run.eval_split(data).to(device)
         self.valid_x = None if data.valid is None else self.run.eval_split(data, "valid").to(device)
-        with quiet_enumeration_warnings():  # a pass for the parameters, not the ELBO
-            self.trained = parameters.trainable(model.model, model.guide, self.batches.peek(8))
+        self.trained = parameters.trainable(model.model, model.guide, self.batches.peek(8))
         self.optimizer = make_optimizer(self.trained.values(), config.lr)
         self.scheduler, self.monitor = make_scheduler(self.optimizer, config), Monitor()
         self.start_epoch, self.resume_from = 0, None

@@ -214,10 +214,11 @@ class means(Messenger):
                 pass
 
 
-def guide_means(guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The mean of q at each latent site, each later site given the means of the earlier ones."""
+def guide_means(guide: Callable, x: torch.Tensor, continuous_only: bool = False) -> dict[str, torch.Tensor]:
+    """The mean of q at each latent site, each later site given the means of the earlier ones
+    (a discrete site keeps its draw; ``continuous_only`` leaves it out of the result)."""
     trace = poutine.trace(means()(guide)).get_trace(x)
-    return {name: site["value"] for name, site in sample_sites(trace)}
+    return {name: site["value"] for name, site in sample_sites(trace) if not (continuous_only and is_discrete(site))}
 
 
 def class_probabilities(guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ from .errors import PyrovaeError
 from .latents import active_units, kl_per_site, latent_means
 from .objectives import elbo_loss, loss as objective_loss, warmup_scale
 from .step import TrainingDiverged, make_optimizer, train_step
-from .traces import quiet_enumeration_warnings
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +253,7 @@ def fit(
     if optimizer is None:
         sample = first_batch(batches)
         contract.check(module.model, module.guide, sample, "the training data")
-        with quiet_enumeration_warnings():  # a pass for the parameters, not the ELBO
-            optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
+        optimizer = make_optimizer(parameters.trainable(module.model, module.guide, sample).values(), config.lr)
     loss_fn = objective_loss(config.objective, module.model, module.guide, config.num_particles, config.beta)
     discrete = loss_fn.discrete(first_batch(batches))  # refuses an objective that cannot train the discrete sites; logs the estimator
     captured = None
@@ -317,7 +315,8 @@ def fit(
                     metrics["valid_elbo"] = mean_elbo(test_loss, valid_x)
                 if held_out is not None:
                     metrics.update(latent_use(module, valid_x if valid_x is not None else test_x))
-                    collapse.update(epoch, metrics["kl"])
+                    if "latent_dims" in metrics:  # continuous sites: a discrete one (a label) may rightly stay near its prior
+                        collapse.update(epoch, {s: metrics["kl"][s] for s in metrics["latent_dims"]})
             watched = metrics.get("valid_elbo", metrics["train_elbo"])
             if monitor is not None:
                 metrics["best"] = monitor.update(epoch, watched)

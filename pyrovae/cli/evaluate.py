@@ -29,7 +29,6 @@ import torch
 
 from pyrovae import ais as ais_, distributed, gaps as gaps_, latents
 from pyrovae.errors import PyrovaeError
-from pyrovae.traces import quiet_enumeration_warnings
 from pyrovae.evaluate import DEFAULT_IWAE_KS, cat, classifier_accuracy, compile_pays, default_batch_size, evaluate, to_inference_data
 from pyrovae.plots import save_gaps_plot
 from pyrovae.run import resolve_device
@@ -156,8 +155,7 @@ def gathered(part):
 
 def _run(args, options: dict) -> int:
     rank, size = distributed.world()
-    with quiet_enumeration_warnings():  # loading finds the parameters by a Trace_ELBO pass
-        run_, module, device = open_run(args)
+    run_, module, device = open_run(args)
     x = run_.eval_split(run_.dataset(), args.split)[: args.limit].to(device)
     if args.gap_settings is not None:  # refused before the evaluation, not after it
         gaps_.check_supported(module.model, module.guide, x)

@@ -8,7 +8,6 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.generate import sample_per_class
 from pyrovae.pictures import save_samples
 from pyrovae.plots import save_grid
-from pyrovae.traces import quiet_enumeration_warnings
 
 from .common import add_run_argument, at_least, open_images
 
@@ -26,8 +25,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.num is not None:
         at_least(args.num, 1, "-n")
-    with quiet_enumeration_warnings():  # loading finds the parameters by a Trace_ELBO pass
-        _, module, device, data, path = open_images(args, "samples", "samples.png")
+    _, module, device, data, path = open_images(args, "samples", "samples.png")
     if args.per_class:
         if data.num_classes is None:
             raise PyrovaeError("--per-class needs a data set with labels")
