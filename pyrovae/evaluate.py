@@ -41,11 +41,12 @@ CAPTURED_POINTS_PER_PASS = 10  # on CPU with the captured pass: points per pass,
 
 
 def default_batch_size(num_samples: int, device, captured: bool = False) -> int:
-    """Points per pass: about ``PASS_SIZE`` draws. On CPU one point with all its K = 5000 draws
-    measured fastest eagerly; with the captured pass (``captured``), at least
+    """Points per pass: about ``PASS_SIZE[device type]`` draws, so that a pass is large enough to
+    keep the device busy (a GPU is bound by kernel launches, so it takes many points per pass) and
+    small enough that memory stays flat. With the captured pass on CPU (``captured``), at least
     ``CAPTURED_POINTS_PER_PASS`` points, their K draws in chunks (:func:`default_chunk_size`), which
-    shares the costs paid once per pass (the ELBO pass, PSIS k̂) among them. On a GPU (H200) 100
-    points per pass ran 8× faster than one, being launch-bound (2 204 against 163 points/s)."""
+    shares the costs paid once per pass (the ELBO pass, PSIS k̂) among them. The sizes were chosen
+    by ``benchmarks/evaluate_speed.py`` (``benchmarks/results/``)."""
     points = max(1, PASS_SIZE.get(torch.device(device).type, PASS_SIZE["cpu"]) // num_samples)
     return max(points, CAPTURED_POINTS_PER_PASS) if captured and torch.device(device).type == "cpu" else points
 
@@ -198,10 +199,10 @@ COMPILE_MIN_DRAWS = 10_000_000  # N × K from which compiling pays on CPU (≈ 2
 
 
 def compile_pays(num_points: int, num_samples: int, device) -> bool:
-    """Whether ``torch.compile`` is worth its start-up cost: on CPU for N × K of at least
-    ``COMPILE_MIN_DRAWS`` (measured on two cores: the 359 held-out digits at K = 5000 ran in 18 s
-    eager and 44 s compiled, the 10 000 MNIST test points about 2.5× faster compiled); never on CUDA,
-    where the compiled path measured 5.8× slower than eager."""
+    """Whether ``torch.compile`` is worth its start-up cost: a compile costs seconds per shape and
+    saves a share of each replay, so it pays on CPU once N × K reaches ``COMPILE_MIN_DRAWS``; on
+    CUDA the eager kernels are already fused enough that compiling does not pay. The threshold was
+    measured with ``benchmarks/evaluate_speed.py`` (``benchmarks/results/``)."""
     return torch.device(device).type == "cpu" and num_points * num_samples >= COMPILE_MIN_DRAWS
 
 
