@@ -170,11 +170,13 @@ QUALITY_FLAGS = [
     ("batch_size", "--batch-size", 100), ("lr", "--lr", 1e-3), ("lr_schedule", "--lr-schedule", "none"),
     ("samples", "-k", 5000), ("test_points", "--test-points", None), ("activation", "--activation", "tanh"),
     ("threads", "--threads", 2), ("device", "--device", "cpu"), ("seed", "--seed", 0), ("tiny", "--tiny", False),
-    ("output_bias", "--output-bias", "data"),
+    ("output_bias", "--output-bias", "data"), ("warmup", "--warmup", None),
 ]
 
 
 def quality_flags(settings: dict) -> list[str]:
+    if settings.get("epochs") is not None:  # an epoch budget replaces the time budget
+        settings = {k: v for k, v in settings.items() if k != "minutes"}
     out = flags(settings, QUALITY_FLAGS)
     capture = settings.get("capture")
     if capture is True or capture == "auto":
@@ -441,9 +443,12 @@ def quality_table(names: list[str], run_labels: dict[str, str] | None = None, ev
         (f"Test log p(x) by importance sampling with K = {first.get('num_samples', '?')} on {first.get('num_points', '?')} "
          "test points (mean ± standard error across points, nats); ELBO and the IWAE bounds L_k on the same points; "
          "k̂ > 0.7: the share of points whose importance weights are heavy-tailed. The best log p(x) is in bold."),
-        f"Command: `{command('quality.py', shared)}` with each row's options. Measured on (results file: machine; date):\n\n"
-        + "\n".join(f"- `benchmarks/results/{name}`: {machine_text(m)}; {date_text(m)}" + (f"; recorded: `{c}`" if c else "")
-                    for name, m, c in machines),
+        ("Measured on (results file: machine; date; the command it records):\n\n"
+         + "\n".join(f"- `benchmarks/results/{name}`: {machine_text(m)}; {date_text(m)}; `{c}`" for name, m, c in machines))
+        if all(c for _, _, c in machines) else
+        (f"Command: `{command('quality.py', shared)}` with each row's options. Measured on (results file: machine; date):\n\n"
+         + "\n".join(f"- `benchmarks/results/{name}`: {machine_text(m)}; {date_text(m)}" + (f"; recorded: `{c}`" if c else "")
+                      for name, m, c in machines)),
     ])
     return text, names
 
