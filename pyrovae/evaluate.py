@@ -178,9 +178,9 @@ class Evaluation:
         kh = s["khat"]
         lines.append(f"ESS mean {s['ess']['mean']:.1f}, min {s['ess']['min']:.1f} of K={self.num_samples}")
         lines.append(f"PSIS k̂ mean {kh['mean']:.2f}, max {kh['max']:.2f}; share of points with k̂ > 0.7: "
-                     f"{kh['share_above_0.7']:.1%} (k̂ > 0.7: that point's log p(x) estimate is unreliable; k̂ ≤ 0.7 "
-                     "does not make it reliable, the draws may miss part of the posterior: where the evidence matters, "
-                     "run AIS, evaluate --ais)")
+                     f"{kh['share_above_0.7']:.1%}")
+        lines.append("  k̂ > 0.7: that point's log p(x) estimate is unreliable; k̂ ≤ 0.7 does not make it reliable (the "
+                     "draws may miss part of the posterior): where the evidence matters, run AIS, evaluate --ais")
         if "bits_per_dim" in s:
             lines.append(f"bits per dimension {s['bits_per_dim']:.4f}")
         if self.gaps is not None:
