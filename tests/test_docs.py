@@ -170,3 +170,20 @@ def test_every_built_in_component_is_on_the_components_page():
     for registry in (PRIORS, LIKELIHOODS, GUIDES, MODELS):
         missing = [name for name in registry.names() if f"`{name}`" not in page]
         assert not missing, f"docs/components.md does not name the {registry.kind}s {missing}"
+
+
+def test_the_evaluation_table_does_not_call_a_small_khat_reliable():
+    """The printed table, like the evaluating page, says what k̂ ≤ 0.7 does not show, and where to turn."""
+    import torch
+
+    from pyrovae.evaluate import evaluate
+    from pyrovae.guides import LinearGaussianGuide
+    from pyrovae.models import PPCA
+
+    torch.manual_seed(0)
+    model = PPCA(6, 2, noise_scale=0.3)
+    x = model.marginal().sample((3,)).detach()
+    table = evaluate(model.model, LinearGaussianGuide(6, {"z": 2}), x, num_samples=50, iwae_ks=(1,), particles_elbo=5).table()
+    caveat = next(line for line in table.splitlines() if "k̂ ≤ 0.7" in line)
+    assert "does not make it reliable" in caveat and "--ais" in caveat
+    assert "k̂ ≤ 0.7" in (DOCS / "evaluating.md").read_text(encoding="utf-8")
