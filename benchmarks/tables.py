@@ -480,6 +480,8 @@ def headline() -> str:
         tags = evaluation_tags(own.get("options", {}))
         rows.append([f"evaluation, K = {speed.get('settings', {}).get('K', '?')} per point" + (f" ({tags})" if tags else ""),
                      f"{own['speed_vs_pytorch']:.2f}× the hand-written sampler's speed", f"[evaluation]({page}#evaluation-speed)"])
+        notes.append(f"Evaluation against a hand-written PyTorch sampler on the same points, {machine_text(speed.get('machine', {}))}, "
+                     f"{date_text(speed.get('machine', {}))}.")
     quality = quality_rows(results("quality_15min*.json"))
     if quality:
         best = max(quality, key=lambda r: r["summary"]["log_px"][0])
