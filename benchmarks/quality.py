@@ -1,25 +1,31 @@
 """Quality, quick protocol: test log p(x) of a VAE on dynamically binarized MNIST after a fixed budget.
 
 Model as in Burda et al. (2016): 784-200-200-50, tanh (--activation elu: the best at this budget),
-Bernoulli likelihood, N(0, I) prior.
+Bernoulli likelihood, N(0, I) prior; the components' configurations (VampPrior, IAF guide, two
+stochastic layers 784-(200-200)-100-(100-100)-50) change one part each. Every network, the
+hand-written one's included, starts with the decoder's output bias at the logit of each pixel's
+training mean, as in Burda et al.'s code (``--output-bias zero``: PyTorch's default instead).
 Training: Adam (lr 1e-3 unless --lr; --lr-schedule cosine anneals it to 0 over the budget), batch 100
 unless --batch-size, a fresh binarization of every batch, for --minutes of wall clock (default 15,
-on the machine's CPU threads given by --threads). Evaluation: importance-sampled
+on the machine's CPU threads given by --threads), or for --epochs epochs (equal epochs for every
+configuration, whatever the time). Evaluation: importance-sampled
 log p(x) with K = 5000 per test point on the whole test set (binarized once, seed 1), with the
 ELBO, IWAE bounds and PSIS k̂. --full runs the papers' long schedule instead (3^i epochs at
-lr 1e-3·10^(-i/7), i = 0..7: 3280 epochs; for a GPU). Results are printed beside the published
-numbers and written to JSON.
+lr 1e-3·10^(-i/7), i = 0..7: 3280 epochs; batch 20 in Burda et al.'s code, --batch-size 20; for a GPU). Results are printed beside the published
+numbers and written to JSON, with the command, the machine and its load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
-
 import torch.nn.functional as F
 from torch import nn
 
@@ -28,10 +34,11 @@ from pyrovae import params
 from pyrovae.cli.train import CAPTURE_MODES
 from pyrovae.data import Batches, load_dataset, static_binarized
 from pyrovae.evaluate import evaluate
-from pyrovae.models import two_layer, vae
+from pyrovae.models import LIKELIHOODS, two_layer, vae
+from pyrovae.models.networks import initialize_output_bias
 from pyrovae.nn import ACTIVATIONS
 from pyrovae.objectives import loss as objective_loss, warmup_scale
-from pyrovae.train import CAPTURED_OBJECTIVES, fast_context, make_optimizer, train_step
+from pyrovae.train import CAPTURED_OBJECTIVES, fast_context, latent_use, make_optimizer, train_step
 
 # name: (model factory arguments, objective, particles, warm-up epochs); "handwritten" is plain PyTorch
 CONFIGS = {
@@ -44,26 +51,44 @@ CONFIGS = {
     "iwae5-dreg": ({}, "iwae-dreg", 5, 0),
     "vamp": ({"prior": "vamp"}, "elbo", 1, 0),
     "vamp-warmup": ({"prior": "vamp"}, "elbo", 1, 10),  # the paper's recipe: KL warm-up (there over 100 epochs)
-    "iaf": ({"guide": "iaf"}, "elbo", 1, 0),
+    "vamp-iwae5": ({"prior": "vamp"}, "iwae", 5, 0),
+    "iaf": ({"guide": "iaf"}, "elbo", 1, 0),  # steps that start at the identity (Kingma et al.'s code)
+    "iaf-gated": ({"guide": "iaf", "guide_args": {"gated": True}}, "elbo", 1, 0),  # the paper's eq. 14 steps
     "two-layer": ({"two_layer": True}, "elbo", 1, 0),
+    "two-layer-warmup": ({"two_layer": True}, "elbo", 1, 10),  # KL warm-up, as Sønderby et al. (2016) for deep VAEs
+    "two-layer-iwae5": ({"two_layer": True}, "iwae", 5, 0),
     "handwritten": None,
 }
 
 ROOT = Path(__file__).resolve().parent
-PUBLISHED = [  # test log p(x) in nats, dynamically binarized MNIST, k = 5000 (Burda et al. 2016, Table 1)
-    ("VAE, k=1, 784-200-200-50 (Burda et al. 2016)", -86.76),
+PUBLISHED = [  # test log p(x) in nats on dynamically binarized MNIST, k = 5000, as each paper reports it
+    ("VAE, k=1, 784-200-200-50 tanh, 3280 epochs (Burda et al. 2016, Table 1)", -86.76),
     ("IWAE, k=5 (Burda et al. 2016)", -85.54),
     ("IWAE, k=50 (Burda et al. 2016)", -84.78),
-    ("VAE, two stochastic layers (Burda et al. 2016)", -85.33),
-    ("VampPrior, MLP (Tomczak & Welling 2018)", -85.6),
+    ("VAE, two stochastic layers 784-(200-200)-100-(100-100)-50 (Burda et al. 2016)", -85.33),
+    ("IWAE k=5, two stochastic layers (Burda et al. 2016)", -83.89),
+    ("VAE, N(0, I) prior, gated MLP 300-300, z 40 (Tomczak & Welling 2018)", -88.56),
+    ("VampPrior, K = 500, same networks, 100 epochs of warm-up (Tomczak & Welling 2018)", -85.57),
 ]
+PAPERS = {  # configuration → the published row it is to be read beside (protocols differ: see PUBLISHED)
+    "handwritten": "VAE, k=1, 784-200-200-50 tanh, 3280 epochs (Burda et al. 2016, Table 1)",
+    "vae": "VAE, k=1, 784-200-200-50 tanh, 3280 epochs (Burda et al. 2016, Table 1)",
+    "vae-mean-field": "VAE, k=1, 784-200-200-50 tanh, 3280 epochs (Burda et al. 2016, Table 1)",
+    "iwae5": "IWAE, k=5 (Burda et al. 2016)",
+    "two-layer": "VAE, two stochastic layers 784-(200-200)-100-(100-100)-50 (Burda et al. 2016)",
+    "two-layer-warmup": "VAE, two stochastic layers 784-(200-200)-100-(100-100)-50 (Burda et al. 2016)",
+    "two-layer-iwae5": "IWAE k=5, two stochastic layers (Burda et al. 2016)",
+    "vamp": "VampPrior, K = 500, same networks, 100 epochs of warm-up (Tomczak & Welling 2018)",
+    "vamp-warmup": "VampPrior, K = 500, same networks, 100 epochs of warm-up (Tomczak & Welling 2018)",
+}
+# Kingma et al. (2016) report IAF against the diagonal guide with convolutional ResNet VAEs only: no MLP number.
 
 
 def schedule(args):
-    """(epochs, lr) stages: one stage bounded by time, or the papers' eight stages."""
+    """(epochs, lr) stages: one stage bounded by time (or of ``--epochs`` epochs), or the papers' eight stages."""
     if args.full:
         return [(3**i, args.lr * 10 ** (-i / 7)) for i in range(8)]
-    return [(None, args.lr)]
+    return [(args.epochs, args.lr)]
 
 
 def cosine(lr: float, elapsed: float, budget: float) -> float:
@@ -93,17 +118,29 @@ class HandWritten(nn.Module):
 
 
 def build(name: str, dim: int, tiny: bool, activation: str = "tanh"):
-    """(model or HandWritten, loss function, parameters) for a configuration."""
+    """(model or HandWritten, loss function, parameters) for a configuration, every network with ``activation``."""
     hidden, latent = ((32, 32), 8) if tiny else ((200, 200), 50)
     if name == "handwritten":
         net = HandWritten([dim, *hidden], latent, activation)
         return net, net.loss, list(net.parameters())
     model_args, objective, particles, _ = CONFIGS[name]
     if model_args.get("two_layer"):
-        model = two_layer(dim) if not tiny else two_layer(dim, top_dim=4, bottom_dim=8, hidden=(32, 32), top_hidden=(16, 16))
+        sizes = {"top_dim": 4, "bottom_dim": 8, "hidden": (32, 32), "top_hidden": (16, 16)} if tiny else {}
+        model = two_layer(dim, activation=activation, **sizes)
     else:
         model = vae(dim, latent_dim=latent, hidden=hidden, activation=activation, **model_args)
     return model, objective_loss(objective, model.model, model.guide, particles), None
+
+
+@torch.no_grad()
+def initialize(model, x: torch.Tensor) -> None:
+    """The decoder's output bias at the logit of each pixel's mean over x (N, P), as Burda et al.'s
+    code starts theirs: pyrovae's models through their ``initialize`` (the VampPrior's own
+    initialization included), the hand-written one through the same Bernoulli's ``output_bias``."""
+    if isinstance(model, HandWritten):
+        initialize_output_bias(model.decoder, LIKELIHOODS.build("bernoulli", data_dim=x.shape[-1]), x)
+    else:
+        model.initialize(x)
 
 
 def captured_step(name: str, model, parameters: list, capture: str | None):
@@ -120,16 +157,21 @@ def captured_step(name: str, model, parameters: list, capture: str | None):
 
 
 def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
-    """Adam on batches of --batch-size for the time budget (or the papers' schedule with --full); with
-    ``--lr-schedule cosine`` the rate is annealed to 0 over the budget, step by step."""
+    """Adam on batches of --batch-size for the time budget, or for --epochs epochs, or the papers'
+    schedule with --full; with ``--lr-schedule cosine`` the rate is annealed to 0 over the budget
+    (the time, or the steps of --epochs), step by step."""
     warmup = 0 if name == "handwritten" else CONFIGS[name][3]
+    if warmup and args.warmup is not None:
+        warmup = args.warmup
     if parameters is None:
         parameters = list(params.trainable(model.model, model.guide, batches.peek(8)).values())
     optimizer = make_optimizer(parameters, args.lr)
     captured = captured_step(name, model, parameters, args.capture)
     if captured is not None:
         print(f"{name}: step captured ({captured.mode})")
+    timed = not (args.full or args.epochs)
     budget = 60 * args.minutes
+    total_steps = (args.epochs or 0) * len(batches)
     anneal = args.lr_schedule == "cosine" and not args.full
     start, epochs, steps, last = time.perf_counter(), 0, 0, float("nan")
     deadline = start + budget
@@ -138,7 +180,7 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             done = 0
-            while (stage_epochs is None or done < stage_epochs) and (args.full or time.perf_counter() < deadline):
+            while (stage_epochs is None or done < stage_epochs) and (not timed or time.perf_counter() < deadline):
                 total, seen = 0.0, 0
                 for step, (_, x) in enumerate(batches):
                     if warmup:
@@ -147,10 +189,11 @@ def train(name: str, model, loss_fn, parameters, batches, args) -> dict:
                             captured.beta = loss_fn.beta
                     if anneal:
                         for group in optimizer.param_groups:
-                            group["lr"] = cosine(lr, time.perf_counter() - start, budget)
+                            group["lr"] = (cosine(lr, time.perf_counter() - start, budget) if timed
+                                           else cosine(lr, steps, total_steps))
                     total += train_step(loss_fn, optimizer, x) if captured is None else captured.step(optimizer, x)
                     steps, seen = steps + 1, seen + len(x)
-                    if not args.full and time.perf_counter() >= deadline:
+                    if timed and time.perf_counter() >= deadline:
                         break
                 epochs, done, last = epochs + 1, done + 1, -total / seen  # the training objective per point seen
     return {"epochs": epochs, "steps": steps, "seconds": time.perf_counter() - start, "last_epoch_train_objective": last,
@@ -187,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--configs", nargs="+", default=["vae"], choices=list(CONFIGS),
                    help="configurations trained one after the other, each for the same budget")
     p.add_argument("--minutes", type=float, default=15.0, help="training budget per configuration, wall clock")
+    p.add_argument("--epochs", type=int, help="train every configuration for this many epochs instead of --minutes (equal epochs)")
     p.add_argument("--full", action="store_true", help="the papers' 3280-epoch schedule instead of a time budget")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (the first stage's with --full)")
@@ -200,12 +244,17 @@ def main(argv=None) -> None:
                         "in this mode (pyrovae train --capture MODE; auto: graph on the CPU)")
     p.add_argument("--activation", choices=list(ACTIVATIONS), default="tanh",
                    help="the networks' activation, for every configuration (the hand-written one included)")
+    p.add_argument("--warmup", type=float, help="KL warm-up epochs of the configurations that warm up (default: each one's, 10)")
+    p.add_argument("--output-bias", choices=("data", "zero"), default="data",
+                   help="the decoder's output bias at the start: the logit of each pixel's training mean (as Burda et al.), "
+                        "or PyTorch's default")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="digits, a few seconds, K = 50: checks that the script runs")
     p.add_argument("--out", default=str(ROOT / "results" / "quality.json"))
     args = p.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     if args.tiny:
         data, args.minutes, args.samples, args.test_points = load_dataset("digits"), 0.05, 50, 20
@@ -213,12 +262,16 @@ def main(argv=None) -> None:
         data = load_dataset("mnist", args.data_dir)
     device = torch.device(args.device)
     x_test = static_binarized(data.test, args.seed + 1)[: args.test_points].to(device)
-    budget = "papers' schedule (3280 epochs)" if args.full else f"{args.minutes:g} min on {args.threads} CPU threads"
+    budget = ("papers' schedule (3280 epochs)" if args.full else f"{args.epochs} epochs" if args.epochs
+              else f"{args.minutes:g} min on {args.threads} CPU threads")
+    load_before = os.getloadavg()
     rows = []
     for name in args.configs:
         torch.manual_seed(args.seed)
         model, loss_fn, parameters = build(name, data.dim, args.tiny, args.activation)
         model = model.to(device)
+        if args.output_bias == "data":
+            initialize(model, data.train.to(device))
         batches = Batches(data.train, args.batch_size, "dynamic", seed=args.seed, device=device)
         training = train(name, model, loss_fn, parameters, batches, args)
         print(f"{name}: trained {training['epochs']} epochs ({training['steps']} steps) in {training['seconds']:.0f} s")
@@ -228,22 +281,30 @@ def main(argv=None) -> None:
                           compile="auto" if not args.tiny else False, progress=not args.tiny, seed=args.seed)
         seconds = time.perf_counter() - start
         print(result.table())
-        rows.append({"config": name, "training": training, "evaluation_seconds": seconds, "summary": result.summary()})
+        with fast_context():
+            use = latent_use(scored, x_test[:1000])
+        rows.append({"config": name, "paper": PAPERS.get(name), "training": training, "evaluation_seconds": seconds,
+                     "summary": result.summary(), "active_units": use.get("active_units"), "latent_dims": use.get("latent_dims")})
 
-    print(f"\n{'test log p(x), nats (K = ' + str(args.samples) + '), ' + budget:<60} {'log p(x)':>16} {'ELBO':>8} {'epochs':>6} {'k̂>0.7':>7}")
+    print(f"\n{'test log p(x), nats (K = ' + str(args.samples) + '), ' + budget:<44} {'log p(x)':>16} {'ELBO':>8} {'epochs':>6} "
+          f"{'k̂>0.7':>7}  KL per site (active units)")
     for row in rows:
         s = row["summary"]
-        print(f"{row['config']:<60} {s['log_px'][0]:>8.2f} ± {s['log_px'][1]:.2f} {s['elbo'][0]:>8.2f} "
-              f"{row['training']['epochs']:>6} {s['khat']['share_above_0.7']:>7.1%}")
+        sites = ", ".join(f"{site} {kl['value'][0]:.2f} ({(row['active_units'] or {}).get(site, '?')})" for site, kl in s["kl"].items())
+        print(f"{row['config']:<44} {s['log_px'][0]:>8.2f} ± {s['log_px'][1]:.2f} {s['elbo'][0]:>8.2f} "
+              f"{row['training']['epochs']:>6} {s['khat']['share_above_0.7']:>7.1%}  {sites}")
     for name, value in PUBLISHED:
-        print(f"{name:<60} {value:>8.2f}")
+        print(f"{name:<88} {value:>8.2f}")
     write_json({
         "benchmark": "quality",
-        "protocol": f"dynamically binarized MNIST; 784-200-200-50 {args.activation} networks; "
+        "command": command,
+        "protocol": f"dynamically binarized MNIST; 784-200-200-50 {args.activation} networks (two layers: "
+                    f"784-(200-200)-100-(100-100)-50); decoder output bias {'at the logit of the training mean' if args.output_bias == 'data' else 'PyTorch default'}; "
                     f"Adam {args.lr:g}{', cosine-annealed to 0 over the budget' if args.lr_schedule == 'cosine' else ''}, "
                     f"batch {args.batch_size}; test set binarized once; "
-                    f"log p(x) by importance sampling with K = {args.samples}",
-        "budget": budget, "machine": machine(), "settings": vars(args), "results": rows, "published": dict(PUBLISHED),
+                    f"log p(x) by importance sampling with K = {args.samples}; active units on the first 1000 test points",
+        "budget": budget, "machine": machine(), "load_average": {"before": load_before, "after": os.getloadavg()},
+        "settings": vars(args), "results": rows, "published": dict(PUBLISHED),
     }, args.out)
 
 

@@ -18,17 +18,34 @@ q(z1|z2), after z2); ``TraceMeanField_ELBO``'s analytic KL per site does not app
 while ``Trace_ELBO`` and the IWAE bound do. Sites have batch (N,) inside ``pyro.plate("data", N)``
 and event (D_s,).
 
-Why the top layer went dead, and what keeps it alive. The top layer pays KL(q(z1|z2) ‖ N(0, I))
-and earns only what it improves p(z2 | z1) over a z1-free Gaussian, so it is useful only once z2
-carries information whose aggregate a diagonal Gaussian fits badly. With tanh units and the output
-bias at 0 the decoder first saturates its hidden units to draw the mean image (see
-:mod:`pyrovae.models.vae`) and stops reading z2 for hundreds of steps; meanwhile z2 carries almost
-nothing, the KL at z1 drives q(z1|z2) to N(0, I) and p(z2|z1) stops reading z1. That state is a
-stationary point whose escape needs both q(z1|·) and p(z2|·) to move together (the gain is the
-product of two small terms), so the top layer stays at KL ≈ 0 long after z2 has come alive. The
-defaults avoid the saturation: ELU units, and :meth:`TwoLayerVAE.initialize` (the decoder's output
-bias at the data's logit mean, as in Burda et al.'s code); ``activation="tanh"`` is the paper's
-network, which needs the initialization.
+Why the top layer went dead, and what keeps it alive. The top layer pays KL(q(z1|z2) ‖ N(0, I)) and
+earns only what it improves p(z2 | z1) over a z1-free diagonal Gaussian: it is useful only where the
+codes z2 the guide draws, taken over the data, are spread in a way (correlated, not Gaussian) that a
+diagonal Gaussian fits badly. Near the state where q(z1|z2) ignores z2 and p(z2|z1) ignores z1, the
+gain is the product of two small couplings (q reading z2, p reading z1) while each costs on its own
+(KL for the first, noise in p(z2|z1) for the second): that state is a local optimum, as the
+zero-loading solution of a factor model is for nearly uncorrelated data. Two things put the model
+there:
+
+1. The plateau. With tanh units and the decoder's output bias at 0 the decoder saturates its hidden
+   units to draw the mean image and stops reading z2 (see :mod:`pyrovae.models.vae`); z2 carries
+   nothing, and q(z1|z2) settles on N(0, I) and p(z2|z1) stops reading z1 before z2 comes alive.
+   The defaults avoid it: ELU units, and :meth:`TwoLayerVAE.initialize` (the output bias at the
+   data's logit mean, as in Burda et al.'s code), called once on a new model before its first step.
+   (``activation="tanh"``, the paper's network, needs the initialization.)
+2. The full KL from the first step. While the top layer finds its footing, z2 carries little, and
+   the KL at z2 then rewards a bottom encoder whose codes a diagonal p(z2) fits — which keeps the
+   top layer unnecessary. KL warm-up (Sønderby et al. 2016; ``--warmup-epochs W``) scales the
+   latent terms by β < 1 at first: z2 then carries much more, its spread is far from a diagonal
+   Gaussian, and the top layer earns its KL before β reaches 1. The IWAE bound
+   (``--objective iwae --particles 5``) also keeps more units active (Burda et al. 2016, §5.2).
+
+The paper's schedule: Adam at 10⁻³·10^(−i/7) for 3^i epochs, i = 0 … 7 (3280 epochs), batch 20 in
+their code, the same for one and two layers (``benchmarks/quality.py --full --batch-size 20``).
+
+References:
+    Burda, Grosse & Salakhutdinov (2016), *Importance weighted autoencoders*.
+    Sønderby, Raiko, Maaløe, Sønderby & Winther (2016), *Ladder variational autoencoders* (warm-up).
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ hidden units do part of that by saturating at ±1, and a saturated unit passes n
 z. The decoder then ignores z, the KL pulls q(z|x) to the prior, and the ELBO sits at the mean
 image's (≈ −206 nats on MNIST) until the units come back — a plateau the standard normal prior
 leaves within an epoch, and a prior without a fixed point there (the VampPrior, a second
-stochastic layer) may never leave. Two defaults keep every model off it: :meth:`VAE.initialize`
-starts the output bias at the data's logit mean, as Burda et al. (2016) do, so that common
-gradient is 0 from the first step; and the activation is ELU (Clevert et al., 2016), which does not
-saturate for positive inputs (tanh remains the IWAE paper's choice: ``activation="tanh"``).
+stochastic layer) may never leave (see :class:`~pyrovae.models.VampPrior` and
+:mod:`pyrovae.models.two_layer`). Two things keep a model off it: :meth:`VAE.initialize`, called once
+on a new model before its first step, starts the output bias at the data's logit mean, as Burda et
+al. (2016) do, so that common gradient is 0 from the first step; and the default activation, ELU
+(Clevert et al., 2016), does not saturate for positive inputs (tanh remains the IWAE paper's choice,
+``activation="tanh"``, and needs the initialization).
 """
 
 from __future__ import annotations

@@ -110,12 +110,14 @@ def defaults(factory: Callable) -> dict[str, Any]:
     return out
 
 
-COMPONENT_OPTIONS = ("prior_args", "guide_args", "likelihood_args")  # a factory's arguments that hold a component's options
+COMPONENT_OPTIONS = {"prior_args": "--prior-arg", "guide_args": "--guide-arg", "likelihood_args": "--likelihood-arg"}
+"""A factory's arguments that hold a component's options, and the flag that fills each."""
 
 
 def check_args(factory: Callable, ref: str, args: dict[str, Any]) -> None:
     """Refuse, in one line naming the known ones, an argument the factory does not take (unless it
-    takes ``**kwargs``); where it takes component options, say that a component's own arguments go there."""
+    takes ``**kwargs``); a component's options given to a factory without that component say so,
+    and where it takes component options, the line says that a component's own arguments go there."""
     try:
         parameters = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
@@ -124,11 +126,15 @@ def check_args(factory: Callable, ref: str, args: dict[str, Any]) -> None:
         return
     known = [p.name for p in parameters if p.name not in ("data_dim", "image_shape") and p.kind is not inspect.Parameter.VAR_POSITIONAL]
     unknown = [name for name in args if name not in known]
-    if unknown:
-        hint = [name for name in COMPONENT_OPTIONS if name in known]
-        where = (f" (a prior's, guide's or likelihood's own arguments go in {', '.join(hint)}: "
-                 f"--prior-arg, --guide-arg, --likelihood-arg NAME=VALUE)") if hint else ""
-        raise PyrovaeError(f"the model factory {ref} has no argument {unknown[0]!r}; its arguments: {', '.join(known) or 'none'}{where}")
+    if not unknown:
+        return
+    listed = ", ".join(known) or "none"
+    if unknown[0] in COMPONENT_OPTIONS:
+        raise PyrovaeError(f"the model factory {ref} takes no {unknown[0]} ({COMPONENT_OPTIONS[unknown[0]]}): "
+                           f"its {unknown[0].split('_')[0]} is not chosen by name; its arguments: {listed}")
+    flags = [f"{COMPONENT_OPTIONS[name]} ({name})" for name in COMPONENT_OPTIONS if name in known]
+    where = f" (a component's own options: {', '.join(flags)} NAME=VALUE)" if flags else ""
+    raise PyrovaeError(f"the model factory {ref} has no argument {unknown[0]!r}; its arguments: {listed}{where}")
 
 
 def build(factory: Callable, ref: str, data_dim: int, image_shape, args: dict[str, Any]):

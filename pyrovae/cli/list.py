@@ -1,5 +1,6 @@
 """``pyrovae list``: the built-in priors, likelihoods, guides, networks and models, one line each,
-with each component's options (``--prior-arg``, ``--guide-arg``, ``--likelihood-arg``) and their defaults."""
+with each component's options (``--prior-arg``, ``--guide-arg``, ``--likelihood-arg``) and each
+model factory's arguments (``--model-arg``), with their defaults."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pyrovae import factory, models
     from pyrovae.guides import GUIDES
     from pyrovae.models import LIKELIHOODS, MODELS, PRIORS
 
@@ -22,10 +24,10 @@ def run(args) -> int:
         width = max(len(name) for name, _ in entries)
         for name, sentence in entries:
             print(f"  {name:<{width}}  {sentence}")
-            options = registry.options(name) if flag else {}
+            options = registry.options(name) if flag else factory.defaults(getattr(models, name))
             if options:
                 listed = ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items())
-                print(f"  {'':<{width}}  {flag}: {listed}")
+                print(f"  {'':<{width}}  {flag or '--model-arg'}: {listed}")
     print("networks (--network)")
     for name, sentence in NETWORKS:
         print(f"  {name:<4}  {sentence}")
