@@ -126,6 +126,8 @@ class TrainingSession:
         check_binarizable(data.train, d["binarize"])
         sample = data.train[:8] if d["binarize"] == "none" else static_binarized(data.train[:8], config.seed)
         contract.check(model.model, model.guide, sample.to(device), "the training data")
+        if not self.resume and callable(getattr(model, "initialize", None)):
+            model.initialize(data.train.to(device))  # a model's data-dependent initialization (e.g. its output bias)
         probe = objective_loss(config.objective, model.model, model.guide, config.num_particles)
         probe.discrete(sample.to(device))  # refuses, before any folder is written, an objective that cannot train the discrete sites
         if d.get("labelled") and data.train_labels is not None:

@@ -372,7 +372,9 @@ def test_train_one_epoch_on_mnist(mnist_dir, tmp_path, monkeypatch):
     history = metrics(tmp_path / "run")
     assert [m["epoch"] for m in history] == [0, 1]
     assert math.isfinite(history[1]["train_elbo"])
-    assert history[1]["test_elbo"] > history[0]["test_elbo"] + 100  # starts near -545 nats (784 fair coins)
+    # the output bias starts at the pixels' logit means: the marginal fit, ≈ −206 nats plus a small KL (784 fair coins: −543)
+    assert -230 < history[0]["test_elbo"] < -200
+    assert history[1]["test_elbo"] > history[0]["test_elbo"] + 30
     assert image_size(tmp_path / "run" / "samples.png") == grid_size(64, 8, 28, 28)
 
 
