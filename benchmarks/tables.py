@@ -482,6 +482,15 @@ def headline() -> str:
                      f"{own['speed_vs_pytorch']:.2f}× the hand-written sampler's speed", f"[evaluation]({page}#evaluation-speed)"])
         notes.append(f"Evaluation against a hand-written PyTorch sampler on the same points, {machine_text(speed.get('machine', {}))}, "
                      f"{date_text(speed.get('machine', {}))}.")
+    ais_runs = [(r, load(name)["machine"]) for name in results("ais_speed*.json") for r in load(name)["results"]
+                if "ratio_paired_median" in r]
+    if ais_runs:
+        ratios = ", ".join(f"{r['ratio_paired_median']:.2f}× at T = {r['num_steps']}"
+                           for r, _ in sorted(ais_runs, key=lambda e: e[0].get("num_steps", 0)))
+        rows.append(["AIS, the same chains and schedule", f"{ratios} the hand-written sampler's speed",
+                     f"[AIS speed]({DOCS_URL}/ais.md#speed)"])
+        notes.append(f"AIS against hand-written PyTorch AIS on the same points, {machine_text(ais_runs[0][1])}, "
+                     f"{date_text(ais_runs[0][1])}.")
     quality = quality_rows(results("quality_15min*.json"))
     if quality:
         best = max(quality, key=lambda r: r["summary"]["log_px"][0])
