@@ -34,6 +34,9 @@ def style(name):
     return lambda: factory.load(f"{STYLES}:{name}")(64)
 
 
+Alternating = factory.load(f"{STYLES}:Alternating")  # a model whose Python branch changes on every call
+
+
 MODELS = {
     "vae": lambda: vae(64, latent_dim=4, hidden=(32,)),
     "bare-constrained-param": style("bare_param"),  # pyro.param("obs_scale", constraint=positive)
@@ -304,30 +307,6 @@ def test_a_checked_capture_that_agrees_goes_on_captured_and_draws_as_the_eager_s
     assert step.failure is None and len(step.captures) == 1
     assert_matches_eager(step, model, params, x, 1, 1.0, "elbo")  # replayed from now on
     assert len(step.captures) == 1
-
-
-class Alternating(nn.Module):
-    """A model whose Python takes another branch on every call (a counter), which ``make_fx`` cannot
-    see: the graph bakes in the branch of the call it traced."""
-
-    def __init__(self, p=64, d=2):
-        super().__init__()
-        self.d, self.calls = d, 0
-        self.decoder, self.encoder = nn.Linear(d, p), nn.Linear(p, 2 * d)
-
-    def model(self, x):
-        pyro.module("alt_decoder", self.decoder)
-        self.calls += 1
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(self.d), 1.0).to_event(1))
-            logits = self.decoder(z) if self.calls % 2 else -self.decoder(z)
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
-
-    def guide(self, x):
-        pyro.module("alt_encoder", self.encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, raw = self.encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
 
 
 def test_a_checked_capture_that_differs_runs_eagerly_after_one_line(float64, caplog):

@@ -12,7 +12,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch import nn
 
 from pyrovae import factory, fast_eval, graphs
 from pyrovae.evaluate import evaluate
@@ -25,6 +24,9 @@ STYLES = Path(__file__).parent / "models" / "styles.py"
 
 def style(name):
     return lambda: factory.load(f"{STYLES}:{name}")(64)
+
+
+Alternating = factory.load(f"{STYLES}:Alternating")  # a model whose Python branch changes on every call
 
 
 MODELS = {
@@ -94,29 +96,6 @@ def test_each_signature_is_traced_once_and_parameters_are_inputs(float64, monkey
     pyro.set_rng_seed(4)
     torch.testing.assert_close(log_w, eager_log_weights(model.model, model.guide, x, 7), **TOL)
     assert traced == [x.shape]
-
-
-class Alternating(nn.Module):
-    """A model whose Python takes another branch on every call: a graph bakes in one branch."""
-
-    def __init__(self, p=64, d=2):
-        super().__init__()
-        self.d, self.calls = d, 0
-        self.decoder, self.encoder = nn.Linear(d, p), nn.Linear(p, 2 * d)
-
-    def model(self, x):
-        pyro.module("alt_decoder", self.decoder)
-        self.calls += 1
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(self.d), 1.0).to_event(1))
-            logits = self.decoder(z) if self.calls % 2 else -self.decoder(z)
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
-
-    def guide(self, x):
-        pyro.module("alt_encoder", self.encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, raw = self.encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
 
 
 def test_a_pass_that_differs_from_the_eager_one_runs_eagerly_after_one_line(float64, caplog):

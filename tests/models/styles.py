@@ -167,3 +167,27 @@ class Flaky(Tutorial):
 
 def flaky(data_dim, image_shape=None, every=4):
     return Flaky(data_dim, every=every)
+
+
+class Alternating(nn.Module):
+    """A model whose Python takes another branch on every call (a counter), which ``make_fx`` cannot
+    see: the graph bakes in the branch of the call it traced."""
+
+    def __init__(self, p=64, d=2):
+        super().__init__()
+        self.d, self.calls = d, 0
+        self.decoder, self.encoder = nn.Linear(d, p), nn.Linear(p, 2 * d)
+
+    def model(self, x):
+        pyro.module("alt_decoder", self.decoder)
+        self.calls += 1
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.d), 1.0).to_event(1))
+            logits = self.decoder(z) if self.calls % 2 else -self.decoder(z)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("alt_encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
