@@ -103,13 +103,15 @@ class KLEstimate:
 
     ``monte_carlo`` averages log q(z) − log p(z) over the draws; ``analytic`` averages the closed
     form (``torch.distributions.kl_divergence``) over the draws of the site's parents (exact for a
-    site without latent parents) and is None where no closed form is registered. ``z_score`` is
-    their mean difference in standard errors of the paired per-draw differences (nan if constant).
+    site without latent parents) and is None where no closed form is registered or where it is not
+    the site's term (``why_not_analytic`` says which, :mod:`pyrovae.kl`). ``z_score`` is their mean
+    difference in standard errors of the paired per-draw differences (nan if constant).
     """
 
     monte_carlo: Estimate
     analytic: Estimate | None
     z_score: torch.Tensor | None
+    why_not_analytic: str | None = None  # "no closed form" or "not applicable: …" where analytic is None
 
     @property
     def method(self) -> str:
@@ -132,7 +134,8 @@ def kl(terms: SiteLogProbs) -> dict[str, KLEstimate]:
             analytic = _mean_and_stderr(exact)
             diff = _mean_and_stderr(exact - mc_samples)
             z = diff.value / diff.stderr
-        report[site] = KLEstimate(_mean_and_stderr(mc_samples), analytic, z)
+        why = None if exact is not None else terms.kl_method.get(site, "no closed form")
+        report[site] = KLEstimate(_mean_and_stderr(mc_samples), analytic, z, why)
     return report
 
 

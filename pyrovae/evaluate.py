@@ -120,6 +120,7 @@ class Evaluation:
             "reconstruction": self.reconstruction.mean(),
             "kl": {site: {"method": k.method, "value": k.best.mean(), "monte_carlo": k.monte_carlo.mean(),
                           "analytic": None if k.analytic is None else k.analytic.mean(),
+                          "why_not_analytic": k.why_not_analytic,
                           "z_score_mean": None if k.z_score is None else torch.nanmean(k.z_score).item()}
                    for site, k in self.kl.items()},
             "iwae": {str(k): e.mean() for k, e in self.iwae.items()},
@@ -156,10 +157,15 @@ class Evaluation:
         """A readable table of the summary."""
         s = self.summary()
         rows = [("ELBO", *s["elbo"]), ("  reconstruction E_q log p(x|z)", *s["reconstruction"])]
+        not_applicable = []  # (site, why): the closed form exists but is not that site's KL term
         for site, k in s["kl"].items():
             rows.append((f"  KL(q‖p) at {site}, Monte Carlo", *k["monte_carlo"]))
+            why = k.get("why_not_analytic") or "no closed form"
             if k["analytic"] is None:
-                rows.append((f"  KL(q‖p) at {site}, analytic: no closed form", math.nan, math.nan))
+                short, _, detail = why.partition(": ")
+                rows.append((f"  KL(q‖p) at {site}, analytic: {short}", math.nan, math.nan))
+                if detail:
+                    not_applicable.append((site, detail))
             else:
                 rows.append((f"  KL(q‖p) at {site}, analytic", *k["analytic"]))
         for k, v in s["iwae"].items():
@@ -175,6 +181,8 @@ class Evaluation:
         lines = [f"{'per data point, nats':<{width}}  {'mean':>10}  {'± s.e.':>8}"]
         lines += [f"{name:<{width}}  {v:>10.3f}  {e:>8.3f}" if not math.isnan(v) else f"{name:<{width}}  {'—':>10}"
                   for name, v, e in rows]
+        lines += [f"KL at {site}, analytic not applicable: {detail}; the Monte Carlo row is that site's term"
+                  for site, detail in not_applicable]
         kh = s["khat"]
         lines.append(f"ESS mean {s['ess']['mean']:.1f}, min {s['ess']['min']:.1f} of K={self.num_samples}")
         lines.append(f"PSIS k̂ mean {kh['mean']:.2f}, max {kh['max']:.2f}; share of points with k̂ > 0.7: "
@@ -383,6 +391,7 @@ def evaluate(
             put(key, rows, estimate.value)
             put(key + "_stderr", rows, estimate.stderr)
 
+    why_not_analytic: dict[str, str] = {}
     with fast_context(), tqdm(total=N, disable=not progress, unit="point", dynamic_ncols=True) as bar:
         for start in range(0, N, batch_size):
             rows = slice(start, min(start + batch_size, N))
@@ -394,6 +403,8 @@ def evaluate(
             put_estimate("elbo", rows, elbo)
             put_estimate("reconstruction", rows, estimators.reconstruction(terms))
             for site, kl in estimators.kl(terms).items():
+                if kl.why_not_analytic is not None:
+                    why_not_analytic[site] = kl.why_not_analytic
                 put_estimate(f"kl_mc/{site}", rows, kl.monte_carlo)
                 put_estimate(f"kl_analytic/{site}", rows, kl.analytic)
                 put(f"kl_z/{site}", rows, kl.z_score)
@@ -426,7 +437,7 @@ def evaluate(
     sites = [key.split("/", 1)[1] for key in out if key.startswith("kl_mc/") and not key.endswith("_stderr")]
     kl = {
         site: KLEstimate(estimate(f"kl_mc/{site}"), estimate(f"kl_analytic/{site}"), out[f"kl_z/{site}"])
-        if f"kl_analytic/{site}" in out else KLEstimate(estimate(f"kl_mc/{site}"), None, None)
+        if f"kl_analytic/{site}" in out else KLEstimate(estimate(f"kl_mc/{site}"), None, None, why_not_analytic.get(site))
         for site in sites
     }
     return Evaluation(

@@ -18,6 +18,7 @@ from torch import nn
 
 from pyrovae import kl, nn as pnn
 from pyrovae.data import Batches, load_dataset
+from pyrovae.evaluate import evaluate
 from pyrovae.evidence import log_weights
 from pyrovae.models import VAEConfig, build_vae, two_layer
 from pyrovae.objectives import loss
@@ -142,3 +143,18 @@ def test_mean_field_keeps_the_monte_carlo_term_where_the_closed_form_does_not_ap
     # independent reference on the same draws: E log p(x|z) + (log p − log q) at z2 − KL closed form at z1
     expected = (terms.log_likelihood["x"] + terms.log_prior["z2"] - terms.log_q["z2"] - terms.kl_analytic["z1"]).sum()
     torch.testing.assert_close(-value.detach(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_evaluation_says_why_the_closed_form_is_not_shown():
+    """``evaluate``'s table and summary: z1 analytic, z2 "not applicable" with the reason, not "no closed form"."""
+    torch.manual_seed(0)
+    model = small_two_layer()
+    x = torch.bernoulli(torch.full((6, 16), 0.3))
+    result = evaluate(model.model, model.guide, x, num_samples=20, iwae_ks=(5,), particles_elbo=10, progress=False)
+    kl_summary = result.summary()["kl"]
+    assert kl_summary["z1"]["analytic"] is not None and kl_summary["z1"]["why_not_analytic"] is None
+    assert kl_summary["z2"]["analytic"] is None
+    assert kl_summary["z2"]["why_not_analytic"] == "not applicable: p(z2 | ·) may depend on z1, which the guide draws after z2"
+    table = result.table()
+    assert "KL(q‖p) at z2, analytic: not applicable" in table and "no closed form" not in table
+    assert "KL at z2, analytic not applicable: p(z2 | ·) may depend on z1, which the guide draws after z2" in table
