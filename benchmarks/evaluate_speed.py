@@ -518,7 +518,7 @@ def _measure(args, vae, x, setup, compile_kw) -> int:
         methods.append("pythae")
     else:
         notes["pythae"] = "skipped: " + ("--no-pythae" if args.no_pythae else
-                                         f"pythae is not importable from {sys.executable} (install benchmarks/requirements-pythae.txt in a separate venv)")
+                                         "pythae is not importable from this Python (install benchmarks/requirements-pythae.txt in a separate venv)")
         print(f"(d) pythae {notes['pythae']}")
     block = _block_size(args, N)
     device_name = args.device if machine["cuda"] is None else f"{args.device} ({machine['cuda']})"
