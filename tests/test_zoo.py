@@ -10,6 +10,7 @@ for the 8-bit likelihood, torch's own MVN ‖ MVN closed form for the registered
 import itertools
 import math
 import sys
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -20,7 +21,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from torch.distributions import kl_divergence
 
-from pyrovae import estimators
+from pyrovae import estimators, factory
 from pyrovae import kl as kl_module
 from pyrovae.errors import PyrovaeError
 from pyrovae.estimators import Estimate
@@ -49,6 +50,8 @@ from pyrovae.models.priors import DiagonalNormalMixture, gaussian_mixture
 
 N, P, D = 8, 12, 3
 HIDDEN = (16,)
+
+TopLayerIgnored = factory.load(f"{Path(__file__).parent / 'models' / 'wrong.py'}:TopLayerIgnored")  # broken: the top layer unread
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -622,16 +625,6 @@ def test_two_layer_reports_a_closed_form_kl_only_where_it_is_the_sites_term(floa
 def normal_log_density(value, loc, scale) -> torch.Tensor:
     """Σ over the last dim of log N(value; loc, scale²), written out."""
     return (-0.5 * ((value - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-class TopLayerIgnored(TwoLayerVAE):
-    """Broken: p(z2 | z1) evaluated at z1 = 0."""
-
-    def model(self, x):
-        with pyro.plate("data", x.shape[0]):
-            z1 = self.prior()
-            z2 = pyro.sample("z2", self.p_z2(torch.zeros_like(z1)))
-            return self.likelihood(self.decoder(z2), x)
 
 
 class DecoderReadsTheMean(TwoLayerVAE):
