@@ -494,9 +494,11 @@ def _run(model, guide, x: torch.Tensor, args, s: AISSettings, latents: dict | No
         raise PyrovaeError("no data points to estimate log p(x) for")
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # the check's draws leave the chains' alone
         discrete = contract.check(model, guide, x[:8], "the data for AIS")
-    if discrete.any:  # HMC moves continuous latents; a discrete site would need summing out in the path's density
-        raise ContractError(f"AIS and BDMC do not apply to a model with discrete latent sites ({', '.join(discrete.summed + discrete.enumerated + discrete.sampled)}): "
-                            "evaluate's importance sampling estimates its log p(x)")
+    drawn = discrete.enumerated + discrete.sampled
+    if drawn:  # HMC moves continuous latents; the model's enumerated sites are summed out of the path's densities
+        raise ContractError(f"AIS and BDMC do not apply where the guide draws a discrete site ({', '.join(drawn)}): "
+                            "enumerate it in the model instead (infer={'enumerate': 'parallel'}, the guide leaving it out), "
+                            "or estimate log p(x) by evaluate's importance sampling")
     betas = s.betas()
     N, M = len(x), s.num_chains
     C = M + (s.tune_chains if s.adapting else 0)

@@ -15,6 +15,12 @@ earlier latents is scored with those latents' current values), all under an oute
 ``pyro.plate("particles", chains, dim=-2)`` (:func:`pyrovae.traces.replay_traces`). Gradients come
 from ``torch.autograd.grad``.
 
+Discrete sites. HMC moves continuous latents only. A discrete site the model marks
+``infer={"enumerate": "parallel"}`` (and the guide does not draw) is not part of u: the model is
+replayed under ``poutine.enum`` and the site summed out of every density, so that the path runs
+between f_0 and p(x, z) = Σ_c p(x, z, c) (with the prior start, f_0 = p(z) = Σ_c p(z, c)). A discrete
+site the guide draws has no place on this path; AIS refuses it.
+
 Pyro's tracing costs about a millisecond per call, more than a small decoder's arithmetic:
 :func:`captured_density` traces the density once per pass (:mod:`pyrovae.graphs`) — model, guide,
 log-densities and both backward passes, parameters and data as constants, what does not depend on u
@@ -36,12 +42,24 @@ from typing import Callable, Literal
 import torch
 from pyro.distributions.transforms import biject_to
 from pyro.poutine.trace_struct import Trace
+from torch.distributions import constraints
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from . import graphs
 from .errors import ContractError, PyrovaeError
 from .hmc import State
-from .traces import check_data_plate, particle_traces, replay_traces, sample_sites, unscaled_log_prob
+from .traces import (
+    check_data_plate,
+    check_enumeration_dims,
+    enumeration,
+    enumeration_dims,
+    is_discrete,
+    particle_traces,
+    replay_traces,
+    sample_sites,
+    sum_out,
+    unscaled_log_prob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +95,13 @@ SCHEDULES = {"sigmoid": sigmoid_schedule, "linear": linear_schedule}
 # ---------------------------------------------------------------- the path of a (model, guide) pair
 
 
+def support(fn) -> constraints.Constraint:
+    """The support of a site's distribution; a ``MixtureSameFamily``'s is its components' (torch
+    wraps it in a constraint that ``biject_to`` has no entry for)."""
+    s = fn.support
+    return s.base_constraint if isinstance(s, constraints.MixtureSameFamilyConstraint) else s
+
+
 def _is_identity(t) -> bool:
     base = t.base_transform if isinstance(t, IndependentTransform) else t
     return isinstance(base, ComposeTransform) and not base.parts
@@ -98,12 +123,17 @@ class AnnealingPath:
         self.model, self.guide, self.x, self.start, self.args, self.kwargs = model, guide, x, start, args, kwargs
         self.shape = torch.Size([num_chains, x.shape[0]])  # (C, B)
         with torch.no_grad():
-            first, model_trace = particle_traces(model, guide if start == "guide" else model, x, num_chains, *args, **kwargs)
+            first, model_trace = particle_traces(model, guide if start == "guide" else model, x, num_chains, *args,
+                                                 enumerate_model=True, **kwargs)
         self.sites: list[_Site] = []
+        self.summed: list[str] = []  # discrete sites the model enumerates: summed out of every density
         values = {}
         for name, site in sample_sites(model_trace):
             check_data_plate(name, site, "model")
             if site["is_observed"]:
+                continue
+            if is_discrete(site) and enumeration(site) == "parallel" and (start == "prior" or name not in first.nodes):
+                self.summed.append(name)
                 continue
             if start == "guide" and name not in first.nodes:
                 raise ContractError(f"the guide does not sample latent site {name!r} of the model: a guide must sample every latent site")
@@ -114,7 +144,7 @@ class AnnealingPath:
                     f"(particles, data, *event) = {tuple(self.shape)} + …: all latent sites must be local to each data point"
                 )
             try:
-                transform = biject_to(site["fn"].support)
+                transform = biject_to(support(site["fn"]))
             except NotImplementedError:
                 raise ContractError(f"latent site {name!r} has support {site['fn'].support}: HMC needs continuous latents "
                                     "with a bijection to real space") from None
@@ -123,7 +153,7 @@ class AnnealingPath:
             self.sites.append(_Site(name, transform, shape, shape.numel()))
             values[name] = value
         if start == "guide":
-            extra = [name for name, _ in sample_sites(first) if name not in values]
+            extra = [name for name, _ in sample_sites(first) if name not in values and name not in self.summed]
             if extra:
                 raise ContractError(f"the guide samples {extra}, which the model has no latent site for: AIS needs q over the model's latents only")
         if not self.sites:
@@ -160,24 +190,44 @@ class AnnealingPath:
             for name, value in values.items():
                 chains.add_node(name, name=name, type="sample", is_observed=False, value=value, infer={})
             guide_trace, model_trace = replay_traces(self.model, self.guide, chains, self.x, self.shape[0], *self.args,
-                                                     guide_too=self.start == "guide", **self.kwargs)
-            log_lik = log_prior = 0.0
-            for name, site in sample_sites(model_trace):
-                log_p = unscaled_log_prob(name, site, self.shape)
-                if site["is_observed"]:
-                    log_lik = log_lik + log_p
-                else:
-                    log_prior = log_prior + log_p
+                                                     guide_too=self.start == "guide", enumerate_model=bool(self.summed),
+                                                     **self.kwargs)
+            log_joint, log_prior = self.log_densities(model_trace)
             if guide_trace is None:
                 log_f0 = log_prior + log_det
-                log_p = log_f0 + log_lik
             else:
                 log_q = sum(unscaled_log_prob(s.name, guide_trace.nodes[s.name], self.shape) for s in self.sites)
                 log_f0 = log_q + log_det
-                log_p = log_lik + log_prior + log_det
+            log_p = log_joint + log_det
             grad_f0, = torch.autograd.grad(log_f0.sum(), u, retain_graph=True)
             grad_p, = torch.autograd.grad(log_p.sum(), u)
         return State(u.detach(), log_f0.detach(), (log_p - log_f0).detach(), grad_f0, grad_p - grad_f0)
+
+
+    def log_densities(self, model_trace) -> tuple:
+        """(log p(x, z), log p(z)) at the chains' z, each (C, B), with the sites the model enumerates
+        summed out: for those sites c, log Σ_c exp of the sum of the terms that carry c's dims (in the
+        joint all of them, the likelihood's included; in the prior the latent sites' only)."""
+        log_lik = log_prior = 0.0
+        joint, latent = [], []
+        enum_dims = enumeration_dims(model_trace) if self.summed else set()
+        for name, site in sample_sites(model_trace):
+            log_p = unscaled_log_prob(name, site, self.shape, enumerated=bool(self.summed))
+            check_enumeration_dims(name, log_p, self.shape, enum_dims)
+            if log_p.dim() > len(self.shape):
+                joint.append(log_p)
+                if not site["is_observed"]:
+                    latent.append(log_p)
+            elif site["is_observed"]:
+                log_lik = log_lik + log_p
+            else:
+                log_prior = log_prior + log_p
+        if joint:
+            log_joint = log_lik + log_prior + sum_out(sum(joint)).expand(self.shape)
+            if latent:
+                log_prior = log_prior + sum_out(sum(latent)).expand(self.shape)
+            return log_joint, log_prior
+        return log_lik + log_prior, log_prior
 
 
 def captured_density(path: AnnealingPath, state: State) -> Callable[[torch.Tensor], State]:

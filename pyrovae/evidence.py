@@ -38,9 +38,12 @@ from .errors import ContractError, PyrovaeError
 from .kl import site_kl
 from .traces import (
     check_data_plate,
+    check_enumeration_dims,
     enumeration,
+    enumeration_dims,
     particle_traces,
     sample_sites,
+    sum_out,
     unscaled_log_prob,
 )
 
@@ -76,21 +79,6 @@ class SiteLogProbs:
         return SiteLogProbs(*(join(n) for n in ("log_likelihood", "log_prior", "log_q", "kl_analytic")), dict(chunks[0].kl_method))
 
 
-def check_enumeration_dims(name: str, log_p: torch.Tensor, shape: torch.Size, enum_dims: set[int]) -> None:
-    """ContractError if ``log_p`` has a dim left of (K, N) of size above 1 that no enumerated site made."""
-    extra = [d for d in range(-log_p.dim(), -len(shape)) if log_p.shape[d] != 1 and d not in enum_dims]
-    if extra:
-        raise ContractError(
-            f"site {name!r} has log-probability shape {tuple(log_p.shape)}, expected (particles, data) = {tuple(shape)}: "
-            "declare every dimension but the data dimension as an event dimension with .to_event(n)"
-        )
-
-
-def sum_out(log_p: torch.Tensor) -> torch.Tensor:
-    """log Σ_c exp log_p over every enumeration dim: (C…, K or 1, N or 1) → (K or 1, N or 1)."""
-    return torch.logsumexp(log_p.reshape(-1, *log_p.shape[-2:]), 0)
-
-
 def site_log_probs(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args,
     analytic_kl: bool = True, compiled: bool = False, **kwargs,
@@ -109,7 +97,7 @@ def site_log_probs(
     guide_trace, model_trace = particle_traces(model, guide, x, num_particles, *args, enumerate_model=True, **kwargs)
     terms = SiteLogProbs({}, {}, {}, {}, {})
     summed: list[tuple[str, dict, torch.Tensor]] = []  # sites whose log-density carries enumeration dims
-    enum_dims = {s["infer"]["_enumerate_dim"] for _, s in sample_sites(model_trace) if s["infer"].get("_enumerate_dim") is not None}
+    enum_dims = enumeration_dims(model_trace)
     for name, site in sample_sites(model_trace):
         check_data_plate(name, site, "model")
         if not site["is_observed"] and name not in guide_trace.nodes and enumeration(site) is None:

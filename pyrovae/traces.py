@@ -154,6 +154,26 @@ def quiet_enumeration_warnings():
         yield
 
 
+def enumeration_dims(trace) -> set[int]:
+    """The dims ``poutine.enum`` gave the enumerated sites of ``trace`` (−3, −4, …)."""
+    return {s["infer"]["_enumerate_dim"] for _, s in sample_sites(trace) if s["infer"].get("_enumerate_dim") is not None}
+
+
+def check_enumeration_dims(name: str, log_p: torch.Tensor, shape: torch.Size, enum_dims: set[int]) -> None:
+    """ContractError if ``log_p`` has a dim left of (K, N) of size above 1 that no enumerated site made."""
+    extra = [d for d in range(-log_p.dim(), -len(shape)) if log_p.shape[d] != 1 and d not in enum_dims]
+    if extra:
+        raise ContractError(
+            f"site {name!r} has log-probability shape {tuple(log_p.shape)}, expected (particles, data) = {tuple(shape)}: "
+            "declare every dimension but the data dimension as an event dimension with .to_event(n)"
+        )
+
+
+def sum_out(log_p: torch.Tensor) -> torch.Tensor:
+    """log Σ_c exp log_p over every enumeration dim: (C…, K or 1, N or 1) → (K or 1, N or 1)."""
+    return torch.logsumexp(log_p.reshape(-1, *log_p.shape[-2:]), 0)
+
+
 def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, *args,
                     enumerate_model: bool = False, **kwargs):
     """(guide trace, model trace): the guide run under ``pyro.plate("particles", K, dim=-2)``, K =
@@ -177,12 +197,16 @@ def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, num_parti
 
 
 def replay_traces(model: Callable, guide: Callable, values, x: torch.Tensor, num_particles: int, *args,
-                  guide_too: bool = True, **kwargs):
+                  guide_too: bool = True, enumerate_model: bool = False, **kwargs):
     """(guide trace or None, model trace) with the latent sites at ``values`` (a trace), under the
     particle plate: the model's and (with ``guide_too``) the guide's densities at given latents, as
-    annealing needs them."""
+    annealing needs them. ``enumerate_model``: the model's sites marked for enumeration that
+    ``values`` does not hold take all their values at once, as in :func:`particle_traces`."""
     with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
-        model_trace = poutine.trace(poutine.replay(model, trace=values)).get_trace(x, *args, **kwargs)
+        replayed = poutine.replay(model, trace=values)
+        if enumerate_model:
+            replayed = poutine.enum(replayed, first_available_dim=ENUM_DIM)
+        model_trace = poutine.trace(replayed).get_trace(x, *args, **kwargs)
         guide_trace = poutine.trace(poutine.replay(guide, trace=values)).get_trace(x, *args, **kwargs) if guide_too else None
     return guide_trace, model_trace
 
@@ -250,9 +274,11 @@ __all__ = [
     "DiscreteSites",
     "at",
     "check_data_plate",
+    "check_enumeration_dims",
     "class_probabilities",
     "discrete_sites",
     "enumeration",
+    "enumeration_dims",
     "fused_log_prob",
     "guide_means",
     "is_discrete",
@@ -264,5 +290,6 @@ __all__ = [
     "quiet_enumeration_warnings",
     "replay_traces",
     "sample_sites",
+    "sum_out",
     "unscaled_log_prob",
 ]

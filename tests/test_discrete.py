@@ -7,6 +7,7 @@ model whose log p(x) is a finite sum. Each check is shown to fail on a broken va
 """
 
 import itertools
+import json
 import logging
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from pyrovae import ais, contract, estimators, evidence, objectives
+from pyrovae import ais, annealing, contract, estimators, evidence, objectives
 from pyrovae.errors import ContractError, PyrovaeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -411,11 +412,80 @@ def test_beta_is_refused_where_sites_are_enumerated():
         objectives.loss("elbo", enumerated, guide, beta=0.5)(mixture_data(t))
 
 
-def test_ais_refuses_discrete_sites():
+def test_ais_refuses_a_discrete_site_the_guide_draws():
     t, x = discrete_parameters(), binary_points()
     model, guide = drawn_site_programs(t)
-    with pytest.raises(ContractError, match=r"AIS and BDMC do not apply to a model with discrete latent sites \(c\)"):
+    with pytest.raises(ContractError, match=r"AIS and BDMC do not apply where the guide draws a discrete site \(c\): enumerate it in the model"):
         ais.ais(model, guide, x, num_steps=2, num_chains=2)
+
+
+# ---------------------------------------------------------------- AIS with the component summed out
+
+
+def shifted_mixture(t):
+    """The mixture with x depending on c as well as on z: the sum over c takes in the likelihood."""
+    shift = torch.randn(C, P, generator=torch.Generator().manual_seed(9))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(t["pi"]), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(t["mu"][c], t["sd"][c]).to_event(1))
+            pyro.sample("x", dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).to_event(1), obs=x)
+
+    return model, shift
+
+
+@pytest.mark.parametrize("variant", list(BROKEN_SUM))
+def test_annealing_densities_sum_the_component_out(float64, monkeypatch, variant):
+    """At given z, the path's log p(x, z) is log Σ_c π_c p(z | c) p(x | z, c) and the prior start's
+    log f_0 is log Σ_c π_c p(z | c), written out by hand; the guide start's log f_0 is log q(z | x)."""
+    if BROKEN_SUM[variant] is not None:
+        monkeypatch.setattr(annealing, "sum_out", BROKEN_SUM[variant])
+    t = mixture_parameters()
+    model, shift = shifted_mixture(t)
+    _, _, guide = mixture_models(t)
+    x = mixture_data(t)
+    agree = []
+    for start in ("guide", "prior"):
+        pyro.set_rng_seed(2)
+        path = annealing.AnnealingPath(model, guide, x, 5, start, (), {})
+        assert [s.name for s in path.sites] == ["z"] and path.summed == ["c"]
+        state = path(path.initial)
+        z = path.initial  # (chains, N, D): z has no bijection
+        prior = torch.stack([torch.log(t["pi"][c]) + dist.Normal(t["mu"][c], t["sd"][c]).log_prob(z).sum(-1) for c in range(C)])
+        likelihood = torch.stack([dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).log_prob(x).sum(-1) for c in range(C)])
+        joint = torch.logsumexp(prior + likelihood, 0)
+        f0 = torch.logsumexp(prior, 0) if start == "prior" else dist.Normal((x - t["b"]) @ (0.3 * torch.ones(P, D)), 1.5).log_prob(z).sum(-1)
+        agree.append(torch.allclose(state.log_f0, f0, rtol=0, atol=1e-10)
+                     and torch.allclose(state.log_ratio, joint - f0, rtol=0, atol=1e-10))
+    assert all(agree) == (variant == "correct"), agree
+
+
+@pytest.mark.parametrize("variant", list(BROKEN_SUM))
+def test_ais_and_bdmc_on_an_enumerated_mixture_reach_its_exact_log_px(float64, monkeypatch, variant):
+    """AIS (T = 200) on the mixture with its component enumerated: every point within 4 standard
+    errors of the closed form, from the guide and from the prior; BDMC's bounds bracket the exact
+    log p(x) of the simulated points within 4 standard errors. A broken sum moves the target."""
+    if BROKEN_SUM[variant] is not None:
+        monkeypatch.setattr(annealing, "sum_out", BROKEN_SUM[variant])
+    t = mixture_parameters()
+    enumerated, _, guide = mixture_models(t)
+    x = mixture_data(t)
+    options = dict(num_steps=200, num_chains=16, num_leapfrog=5, step_size=0.1)
+    problems = []
+    for start in ("guide", "prior"):
+        result = ais.ais(enumerated, guide, x, start=start, seed=0, **options)
+        z = (result.log_px.value - exact_mixture_log_px(t, x)) / result.log_px.stderr
+        if not (z.abs() < 4).all():
+            problems.append(f"AIS from the {start}: z-scores {z.tolist()}")
+    pyro.set_rng_seed(3)
+    sandwich = ais.bdmc(enumerated, guide, x, **options)
+    exact = exact_mixture_log_px(t, sandwich.x)
+    low = (sandwich.lower.log_px.value - exact) / sandwich.lower.log_px.stderr
+    high = (sandwich.upper.log_px.value - exact) / sandwich.upper.log_px.stderr
+    if not ((low < 4).all() and (high > -4).all()):
+        problems.append(f"BDMC: lower z {low.tolist()}, upper z {high.tolist()}")
+    assert (problems == []) == (variant == "correct"), problems
 
 
 def test_fit_trains_an_enumerated_model_eagerly_and_says_so(caplog):
@@ -439,7 +509,8 @@ def test_fit_trains_an_enumerated_model_eagerly_and_says_so(caplog):
 
 def test_enumerated_mixture_example_is_the_built_in_mixture_prior(float64):
     """examples/models/enumerated_mixture.py with the built-in ``MixturePrior``'s parameters gives its
-    log-weights on the same draws: the component summed out is the ``MixtureSameFamily``."""
+    log-weights on the same draws, and its AIS estimates on the same chains: the component summed out
+    is the ``MixtureSameFamily``."""
     from pyrovae.models import MixturePrior
 
     from pyrovae import factory
@@ -450,9 +521,28 @@ def test_enumerated_mixture_example_is_the_built_in_mixture_prior(float64):
     built_in.load_state_dict(module.prior.state_dict())
     pyro.set_rng_seed(3)
     enumerated = evidence.log_weights(module.model, module.guide, x, 50).log_w
+    annealed = ais.ais(module.model, module.guide, x, num_steps=20, num_chains=4, seed=0).log_px.value
     module.prior = built_in
     pyro.set_rng_seed(3)
     assert torch.allclose(enumerated, evidence.log_weights(module.model, module.guide, x, 50).log_w, rtol=0, atol=1e-10)
+    assert torch.allclose(annealed, ais.ais(module.model, module.guide, x, num_steps=20, num_chains=4, seed=0).log_px.value,
+                          rtol=0, atol=1e-8)  # AIS too: the same chains on the same path
+
+
+def test_evaluate_ais_and_bdmc_on_the_enumerated_example(tmp_path, capsys):
+    """``pyrovae evaluate --ais --bdmc`` on the example's model: the component summed out, both run."""
+    from pyrovae.cli.main import main
+
+    run = tmp_path / "r"
+    assert main(["train", "--model", f"{ROOT}/examples/models/enumerated_mixture.py:mixture_vae", "--model-arg", "components=3",
+                 "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--ais", "--bdmc", "--limit", "3", "--ais-steps", "10", "--ais-chains", "4", "-k", "50",
+                 "--no-progress", "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "log p(x), AIS lower bound" in out and "log p(x) upper bound, reverse AIS" in out
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert all(math.isfinite(v) for v in report["per_point"]["ais_log_px"] + report["bdmc"]["per_point"]["gap"])
 
 
 def test_pyro_ss_vae_example_keeps_the_contract_and_trains_by_enumeration():
