@@ -531,7 +531,9 @@ TABLES: dict[str, Callable[[], tuple[str, list[str]]]] = {
     "evaluate_speed.md": evaluate_speed_table,
     "ais_speed.md": ais_speed_table,
     "ais_mnist.md": ais_mnist_table,
-    "quality_15min_elu.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_*.json"))),
+    "quality_15min_elu.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_*.json")
+                                                         if not p.name.startswith("quality_15min_elu_1t_"))),
+    "quality_15min_elu_1t.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_1t_*.json"))),
     "quality_15min_tanh.md": lambda: quality_table(
         present(["quality_15min_cosine.json", "quality_15min_b.json", "quality_15min.json", "quality.json"]),
         run_labels={"quality_15min_cosine.json": "C", "quality_15min_b.json": "B", "quality_15min.json": "A", "quality.json": "0"}),

@@ -58,6 +58,26 @@ def mixture_models(t):
     return enumerated, mixture, guide
 
 
+def shifted_mixture(t):
+    """The mixture with x depending on c as well as on z: the sum over c takes in the likelihood."""
+    shift = torch.randn(C, P, generator=torch.Generator().manual_seed(9))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(t["pi"]), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(t["mu"][c], t["sd"][c]).to_event(1))
+            pyro.sample("x", dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).to_event(1), obs=x)
+
+    return model, shift
+
+
+def component_terms(t, shift, z, x):
+    """Per component c of the shifted mixture, by hand: log π_c + log p(z | c) and log p(x | z, c), each (C, …)."""
+    prior = torch.stack([torch.log(t["pi"][c]) + dist.Normal(t["mu"][c], t["sd"][c]).log_prob(z).sum(-1) for c in range(C)])
+    likelihood = torch.stack([dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).log_prob(x).sum(-1) for c in range(C)])
+    return prior, likelihood
+
+
 def exact_mixture_log_px(t, x):
     """log Σ_c π_c N(x; W μ_c + b, W diag(σ_c²) W^T + s² I): (N,)."""
     cov = torch.stack([t["W"] @ torch.diag(t["sd"][c] ** 2) @ t["W"].T + t["s"] ** 2 * torch.eye(P) for c in range(C)])
@@ -125,14 +145,7 @@ def test_a_component_the_data_depend_on_is_summed_with_the_likelihood(float64, m
     if BROKEN_SUM[variant] is not None:
         monkeypatch.setattr(evidence, "sum_out", BROKEN_SUM[variant])
     t = mixture_parameters()
-    shift = torch.randn(C, P, generator=torch.Generator().manual_seed(9))
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            c = pyro.sample("c", dist.Categorical(t["pi"]), infer={"enumerate": "parallel"})
-            z = pyro.sample("z", dist.Normal(t["mu"][c], t["sd"][c]).to_event(1))
-            pyro.sample("x", dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).to_event(1), obs=x)
-
+    model, shift = shifted_mixture(t)
     _, _, guide = mixture_models(t)
     x = mixture_data(t)
     pyro.set_rng_seed(4)
@@ -140,9 +153,7 @@ def test_a_component_the_data_depend_on_is_summed_with_the_likelihood(float64, m
     pyro.set_rng_seed(4)
     with pyro.plate("particles", 7, dim=-2):
         z = pyro.poutine.trace(guide).get_trace(x).nodes["z"]["value"]  # (7, N, D)
-    by_hand = torch.logsumexp(torch.stack([
-        torch.log(t["pi"][c]) + dist.Normal(t["mu"][c], t["sd"][c]).log_prob(z).sum(-1)
-        + dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).log_prob(x).sum(-1) for c in range(C)]), 0)
+    by_hand = torch.logsumexp(sum(component_terms(t, shift, z, x)), 0)
     assert set(terms.log_likelihood) == {"x"} and terms.latent_sites == []
     same = torch.allclose(terms.log_likelihood["x"], by_hand, rtol=0, atol=1e-10)
     assert same == torch.allclose(terms.log_w, by_hand - terms.log_q["z"], rtol=0, atol=1e-10) == (variant == "correct")
@@ -422,19 +433,6 @@ def test_ais_refuses_a_discrete_site_the_guide_draws():
 # ---------------------------------------------------------------- AIS with the component summed out
 
 
-def shifted_mixture(t):
-    """The mixture with x depending on c as well as on z: the sum over c takes in the likelihood."""
-    shift = torch.randn(C, P, generator=torch.Generator().manual_seed(9))
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            c = pyro.sample("c", dist.Categorical(t["pi"]), infer={"enumerate": "parallel"})
-            z = pyro.sample("z", dist.Normal(t["mu"][c], t["sd"][c]).to_event(1))
-            pyro.sample("x", dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).to_event(1), obs=x)
-
-    return model, shift
-
-
 @pytest.mark.parametrize("variant", list(BROKEN_SUM))
 def test_annealing_densities_sum_the_component_out(float64, monkeypatch, variant):
     """At given z, the path's log p(x, z) is log Σ_c π_c p(z | c) p(x | z, c) and the prior start's
@@ -452,8 +450,7 @@ def test_annealing_densities_sum_the_component_out(float64, monkeypatch, variant
         assert [s.name for s in path.sites] == ["z"] and path.summed == ["c"]
         state = path(path.initial)
         z = path.initial  # (chains, N, D): z has no bijection
-        prior = torch.stack([torch.log(t["pi"][c]) + dist.Normal(t["mu"][c], t["sd"][c]).log_prob(z).sum(-1) for c in range(C)])
-        likelihood = torch.stack([dist.Normal(z @ t["W"].T + t["b"] + shift[c], t["s"]).log_prob(x).sum(-1) for c in range(C)])
+        prior, likelihood = component_terms(t, shift, z, x)
         joint = torch.logsumexp(prior + likelihood, 0)
         f0 = torch.logsumexp(prior, 0) if start == "prior" else dist.Normal((x - t["b"]) @ (0.3 * torch.ones(P, D)), 1.5).log_prob(z).sum(-1)
         agree.append(torch.allclose(state.log_f0, f0, rtol=0, atol=1e-10)
