@@ -40,6 +40,10 @@ CONFIG_LABELS = {
     "vamp-warmup": "VampPrior + KL warm-up",
     "iaf": "IAF guide (two IAF steps on the diagonal Gaussian)",
     "two-layer": "two stochastic layers (784-(200-200)-100-(100-100)-50)",
+    "two-layer-warmup": "two stochastic layers + KL warm-up (10 epochs)",
+    "two-layer-iwae5": "two stochastic layers, IWAE k = 5",
+    "vamp-iwae5": "VampPrior, IWAE k = 5",
+    "iaf-gated": "IAF guide, gated steps (eq. 14 of the paper)",
 }
 TRAIN_STEP_METHODS = [  # (key in the JSON, column); a key not listed gets a column of its own
     ("torch", "(a) torch, Adam"),
@@ -402,7 +406,23 @@ def common_options(rows: list[dict]) -> list[str]:
     return [t for f, v in shared for t in ((f, v) if v is not None else (f,))]
 
 
-def quality_table(names: list[str], run_labels: dict[str, str] | None = None, evaluation: bool = True) -> tuple[str, list[str]]:
+def kl_sites(r: dict) -> str:
+    """Each latent site's KL(q ‖ p) per point and its active units, e.g. "z1 17.6 (15), z2 8.7 (100)"."""
+    kl, active = r["summary"].get("kl", {}), r.get("active_units") or {}
+    return ", ".join(f"{site} {k['value'][0]:.1f}" + (f" ({active[site]})" if site in active else "") for site, k in kl.items()) or "—"
+
+
+def paper(r: dict) -> str:
+    """The published number a row is to be read beside, with its source (``quality.py``'s PAPERS)."""
+    label = r.get("paper")
+    value = load(r["file"]).get("published", {}).get(label) if label else None
+    return f"{num(value)}: {label}" if value is not None else "—"
+
+
+def quality_table(names: list[str], run_labels: dict[str, str] | None = None, evaluation: bool = True,
+                  components: bool = False) -> tuple[str, list[str]]:
+    """The quality rows of ``names``; ``components`` adds each latent site's KL and active units and
+    the published number of the row's paper."""
     rows = quality_rows(names)
     if not rows:
         return (f"{header_comment(names)}\n\nNo evaluated configuration in these results files." if names else
@@ -412,6 +432,8 @@ def quality_table(names: list[str], run_labels: dict[str, str] | None = None, ev
     header = ["configuration", "options", "epochs", "ms/step", "test log p(x)", "ELBO", *[f"L_{k}" for k in iwae_ks], "k̂ > 0.7"]
     if run_labels:
         header.insert(0, "run")
+    if components:
+        header += ["KL per site (active units)", "published (source)"]
     if evaluation:
         header.append("evaluation")
     best = max(r["summary"]["log_px"][0] for r in rows)
@@ -427,11 +449,14 @@ def quality_table(names: list[str], run_labels: dict[str, str] | None = None, ev
                pct(share) if share is not None else "—"]
         if run_labels:
             row.insert(0, run_labels[r["file"]])
+        if components:
+            row += [kl_sites(r), paper(r)]
         if evaluation:
             row.append(f"{r['evaluation_seconds']:.0f} s" if r.get("evaluation_seconds") else "—")
         body.append(row)
     first = rows[0]["summary"]
-    right = {i for i, h in enumerate(header) if h not in ("run", "configuration", "options")}
+    right = {i for i, h in enumerate(header) if h not in ("run", "configuration", "options", "KL per site (active units)",
+                                                         "published (source)")}
     machines = []
     for r in rows:
         entry = (r["file"], r["machine"], r.get("recorded_command"))
@@ -504,9 +529,10 @@ def headline() -> str:
                       f"thread{'s' if threads != 1 else ''}, {CONFIG_LABELS.get(best['config'], best['config'])}"),
                      f"{pm(best['summary']['log_px'])} nats" + (f" (hand-written VAE: {num(hand[0]['summary']['log_px'][0])})" if hand else ""),
                      f"[quality]({page}#quality-at-equal-budget)"])
+        published = paper(best)
         notes.append(f"Quality on dynamically binarized MNIST, K = {best['summary']['num_samples']} importance samples on "
-                     f"{best['summary']['num_points']} test points, {date_text(best['machine'])} (Burda et al. 2016 report "
-                     "−86.76 for a VAE trained 3280 epochs).")
+                     f"{best['summary']['num_points']} test points, {date_text(best['machine'])}"
+                     + (f" (published for that model: {published})." if published != "—" else "."))
     return "\n".join([HEADLINE_START, table(["", "result", "details"], rows), "", " ".join(notes), HEADLINE_END])
 
 
@@ -533,7 +559,8 @@ TABLES: dict[str, Callable[[], tuple[str, list[str]]]] = {
     "ais_mnist.md": ais_mnist_table,
     "quality_15min_elu.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_*.json")
                                                          if not p.name.startswith("quality_15min_elu_1t_"))),
-    "quality_15min_elu_1t.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_1t_*.json"))),
+    "quality_15min_elu_1t.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_1t_*.json")),
+                                                     components=True),
     "quality_15min_tanh.md": lambda: quality_table(
         present(["quality_15min_cosine.json", "quality_15min_b.json", "quality_15min.json", "quality.json"]),
         run_labels={"quality_15min_cosine.json": "C", "quality_15min_b.json": "B", "quality_15min.json": "A", "quality.json": "0"}),

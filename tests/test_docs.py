@@ -82,9 +82,16 @@ def test_new_results_files_reach_the_tables(tmp_path, monkeypatch):
     screen = json.loads((results / "quality_15min_elu_iwae5.json").read_text())
     screen["benchmark"] = "quality"
     (results / "screen_named_otherwise.json").write_text(json.dumps(screen))  # found by its "benchmark"
+    layers = json.loads((results / "quality_15min_elu_iwae5.json").read_text())
+    layers["results"][0].update(config="two-layer-warmup", paper="a paper", active_units={"z1": 15, "z2": 100})
+    layers["results"][0]["summary"]["kl"] = {"z1": {"value": [17.62, 0.1]}, "z2": {"value": [8.69, 0.2]}}
+    layers["published"] = {"a paper": -85.33}
+    (results / "quality_15min_elu_1t_two_layers.json").write_text(json.dumps(layers))
     monkeypatch.setattr(tables, "RESULTS", results)
 
     out = {path.name: text for path, text in tables.render().items()}
+    components = out["quality_15min_elu_1t.md"]  # each site's KL and active units, and the paper's number, per row
+    assert "| z1 17.6 (15), z2 8.7 (100) | −85.33: a paper |" in components
     assert "train_step_cuda.json" in out["train_step.md"] and "`--capture cuda-graph`" in out["train_step.md"]
     assert "NVIDIA H100" in out["train_step.md"] and "0.50 (1.20×)" in out["train_step.md"]
     assert f"`{step['command']}`" in out["train_step.md"]  # the command the file recorded, where it records one
