@@ -561,6 +561,7 @@ TABLES: dict[str, Callable[[], tuple[str, list[str]]]] = {
                                                          if not p.name.startswith("quality_15min_elu_1t_"))),
     "quality_15min_elu_1t.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_1t_*.json")),
                                                      components=True),
+    "quality_equal_epochs_40.md": lambda: quality_table(present(["quality_equal_epochs_40_elu_vae.json"]), components=True),
     "quality_15min_tanh.md": lambda: quality_table(
         present(["quality_15min_cosine.json", "quality_15min_b.json", "quality_15min.json", "quality.json"]),
         run_labels={"quality_15min_cosine.json": "C", "quality_15min_b.json": "B", "quality_15min.json": "A", "quality.json": "0"}),
