@@ -203,7 +203,6 @@ class AnnealingPath:
             grad_p, = torch.autograd.grad(log_p.sum(), u)
         return State(u.detach(), log_f0.detach(), (log_p - log_f0).detach(), grad_f0, grad_p - grad_f0)
 
-
     def log_densities(self, model_trace) -> tuple:
         """(log p(x, z), log p(z)) at the chains' z, each (C, B), with the sites the model enumerates
         summed out: for those sites c, log Σ_c exp of the sum of the terms that carry c's dims (in the
