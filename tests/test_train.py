@@ -408,3 +408,33 @@ def test_load_of_a_corrupt_checkpoint_says_so(tmp_path):
     path.write_bytes(b"not a torch file")
     with pytest.raises(PyrovaeError, match="cannot read checkpoint"):
         checkpoint.load(path)
+
+
+def test_denormal_floats_are_flushed_to_zero_inside_the_engines_loops_only():
+    """Inside ``fast_context`` (nested too, as an evaluation inside training) a float32 below the
+    smallest normal number becomes 0, so Adam's moments of a weight that gets no gradient decay to
+    exactly 0 instead of lingering as slow denormals; outside, torch's default is back."""
+    from pyrovae.context import fast_context
+    from pyrovae.step import make_optimizer
+
+    tiny = torch.tensor([1e-40])
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = make_optimizer([weight], 1e-3)
+
+    def step_without_gradient_on_the_second_entry(moment):
+        weight.grad = torch.tensor([1.0, 0.0])
+        optimizer.step()
+        optimizer.state[weight]["exp_avg"][1] = moment  # a moment about to decay below the normal range
+        weight.grad = torch.tensor([1.0, 0.0])
+        optimizer.step()
+        return optimizer.state[weight]["exp_avg"][1].item()
+
+    outside = step_without_gradient_on_the_second_entry(1e-38)
+    with fast_context():
+        with fast_context():
+            pass
+        inner_left = (tiny * 1.0).item()
+        inside = step_without_gradient_on_the_second_entry(1e-38)
+    assert 0 < outside < 1.2e-38  # torch's default: a denormal moment (this CPU supports flushing: see below)
+    assert inner_left == 0.0 and inside == 0.0
+    assert (tiny * 1.0).item() > 0
