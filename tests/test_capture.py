@@ -220,26 +220,11 @@ def test_each_batch_shape_gets_its_own_capture(float64):
     assert sorted(key[2][0] for key in step.captures) == [(10, 64), (16, 64)]
 
 
-class DataDependent(nn.Module):
+class DataDependent(Alternating):
     """Branches in Python on a value of the data: ``make_fx`` cannot trace that."""
 
-    def __init__(self, p=64, d=2):
-        super().__init__()
-        self.d = d
-        self.decoder, self.encoder = nn.Linear(d, p), nn.Linear(p, 2 * d)
-
-    def model(self, x):
-        pyro.module("dd_decoder", self.decoder)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(self.d), 1.0).to_event(1))
-            logits = self.decoder(z) if x.sum() > 0 else -self.decoder(z)
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
-
-    def guide(self, x):
-        pyro.module("dd_encoder", self.encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, raw = self.encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+    def flipped(self, x, z) -> bool:
+        return not x.sum() > 0
 
 
 def test_data_dependent_control_flow_falls_back_to_eager(float64, caplog):

@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 
@@ -147,12 +146,8 @@ def test_untraceable_models_are_evaluated_eagerly(float64, caplog):
     """A model whose Python reads a tensor's value: make_fx refuses, and the eager pass is used."""
 
     class DataDependent(Alternating):
-        def model(self, x):
-            pyro.module("dd_decoder", self.decoder)
-            with pyro.plate("data", x.shape[0]):
-                z = pyro.sample("z", dist.Normal(x.new_zeros(self.d), 1.0).to_event(1))
-                logits = self.decoder(z) if z.sum() > 0 else -self.decoder(z)
-                pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+        def flipped(self, x, z) -> bool:
+            return not z.sum() > 0
 
     x = data()
     model = DataDependent()

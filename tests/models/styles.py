@@ -170,20 +170,25 @@ def flaky(data_dim, image_shape=None, every=4):
 
 
 class Alternating(nn.Module):
-    """A model whose Python takes another branch on every call (a counter), which ``make_fx`` cannot
-    see: the graph bakes in the branch of the call it traced."""
+    """A model whose Python takes one of two branches, the sign of the decoder's logits, as
+    :meth:`flipped` says: here a counter that changes on every call, which ``make_fx`` cannot see (the
+    graph bakes in the branch of the call it traced). A subclass that branches on a tensor's value
+    instead is one ``make_fx`` refuses to trace."""
 
     def __init__(self, p=64, d=2):
         super().__init__()
         self.d, self.calls = d, 0
         self.decoder, self.encoder = nn.Linear(d, p), nn.Linear(p, 2 * d)
 
+    def flipped(self, x, z) -> bool:
+        self.calls += 1
+        return self.calls % 2 == 0
+
     def model(self, x):
         pyro.module("alt_decoder", self.decoder)
-        self.calls += 1
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.d), 1.0).to_event(1))
-            logits = self.decoder(z) if self.calls % 2 else -self.decoder(z)
+            logits = -self.decoder(z) if self.flipped(x, z) else self.decoder(z)
             pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
     def guide(self, x):
