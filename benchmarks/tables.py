@@ -311,12 +311,12 @@ def ais_speed_table() -> tuple[str, list[str]]:
         entries.append((name, d["machine"], d.get("command") or command("ais_speed.py", options)))
         for r in d["results"]:
             pps = r.get("points_per_s", {})
-            rate = lambda key, pps=pps: f"{pps[key]:.2f}" if key in pps else "—"
+            rates = [f"{pps[key]:.2f}" if key in pps else "—" for key in ("pyrovae", "pyrovae_eager", "pytorch")]
             ratios = [r.get("ratio_pyrovae_to_pytorch"), r.get("ratio_paired_median")]
             tune = f" (+{r['tune_chains']})" if "tune_chains" in r else ""
             log_px = r.get("log_px_mean", {}).get("pyrovae")
             rows.append([f"{r.get('num_steps', '?')}, {r.get('num_chains', '?')}{tune}, {r.get('num_leapfrog', '?')}",
-                         rate("pyrovae"), rate("pyrovae_eager"), rate("pytorch"),
+                         *rates,
                          " / ".join(f"{x:.2f}×" if x is not None else "—" for x in ratios),
                          pm(log_px) if log_px else "—", f"`{name}`"])
     text = "\n\n".join([
@@ -489,7 +489,9 @@ def headline() -> str:
     rows, notes = [], []
     if (RESULTS / "train_step.json").is_file():
         step = load("train_step.json")
-        span = lambda xs: f"{min(xs):.2f}–{max(xs):.2f}×" if len(xs) > 1 else f"{xs[0]:.2f}×"
+
+        def span(xs):
+            return f"{min(xs):.2f}–{max(xs):.2f}×" if len(xs) > 1 else f"{xs[0]:.2f}×"
         link = f"[training step]({page}#training-step)"
         for key, label in [("pyrovae_captured", "training step, `pyrovae train` (captured, the default)"),
                            ("pyrovae", "training step, eager (`--capture off`)"),
@@ -519,7 +521,9 @@ def headline() -> str:
     quality = quality_rows(results("quality_15min*.json"))
     if quality:
         best = max(quality, key=lambda r: r["summary"]["log_px"][0])
-        rest = lambda r: [o for o in r["options"] if o not in ("--configs", r["config"])]
+
+        def rest(r):
+            return [o for o in r["options"] if o not in ("--configs", r["config"])]
         hand = [r for r in quality if r["config"] == "handwritten" and rest(r) == rest(best)]
         threads = best["machine"].get("torch_threads")
         minutes = best["settings"].get("minutes")

@@ -2,6 +2,6 @@
 
 import sys
 
-from pyrovae.cli.main import main
+from pyrovae.cli.main import run
 
-sys.exit(main())
+sys.exit(run())

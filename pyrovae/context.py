@@ -12,6 +12,16 @@ from .nn import skip_registration
 
 
 _depth = 0  # flush_denormals blocks entered and not left (the engine's loops nest: an evaluation inside training)
+_in_every_thread = False  # set by flush_denormals_in_every_thread: no block turns the flag off
+
+
+def flush_denormals_in_every_thread() -> None:
+    """Denormal floats flushed to zero for the rest of the process, in torch's intra-op threads too.
+    A thread inherits the flag from the thread that creates it, and torch creates its pool at the
+    first parallel operation: called before that (the ``pyrovae`` command does so first thing), it
+    reaches every thread, where :func:`flush_denormals` reaches only the one that enters it."""
+    global _in_every_thread
+    _in_every_thread = torch.set_flush_denormal(True)
 
 
 @contextmanager
@@ -23,7 +33,8 @@ def flush_denormals():
     built-in M2's epoch on MNIST grew from 22 s to 74–82 s over 30 epochs on 2 threads, and a fused
     Adam step on its moments ran 4× slower on one thread. Values that small change no sum they are
     added to. Torch sets the flag for the calling thread only: with it, that M2 epoch (at epoch 35)
-    took 39 s on one thread and 59 s on two, whose second thread keeps the denormals."""
+    took 39 s on one thread and 59 s on two, whose second thread keeps the denormals
+    (:func:`flush_denormals_in_every_thread` reaches it)."""
     global _depth
     supported = torch.set_flush_denormal(True)  # False, with nothing changed, where it is not supported
     _depth += 1
@@ -31,7 +42,7 @@ def flush_denormals():
         yield
     finally:
         _depth -= 1
-        if supported and _depth == 0:  # the outermost one restores torch's default (it cannot report the setting it had)
+        if supported and _depth == 0 and not _in_every_thread:  # the outermost one restores torch's default (it cannot report the setting it had)
             torch.set_flush_denormal(False)
 
 

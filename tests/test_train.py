@@ -7,6 +7,8 @@ The fast path (``elbo_loss`` + ``train_step`` + one ``torch.optim.Adam``) agains
 import math
 import os
 import re
+import subprocess
+import sys
 
 import pyro
 import pytest
@@ -438,3 +440,28 @@ def test_denormal_floats_are_flushed_to_zero_inside_the_engines_loops_only():
     assert 0 < outside < 1.2e-38  # torch's default: a denormal moment (this CPU supports flushing: see below)
     assert inner_left == 0.0 and inside == 0.0
     assert (tiny * 1.0).item() > 0
+
+
+DENORMALS_ACROSS_THREADS = """
+import sys, torch
+from pyrovae.context import fast_context, flush_denormals_in_every_thread
+if sys.argv[1] == "process":
+    flush_denormals_in_every_thread()
+torch.set_num_threads(2)
+x = torch.full((1 << 20,), 1e-39)  # denormal, split between the two threads
+(x * 0.5).sum()  # torch starts its thread pool
+with fast_context():
+    y = x * 0.9 + x
+print((y != 0).float().mean().item())
+"""
+
+
+@pytest.mark.parametrize("when, kept", [("process", 0.0), ("loop", 0.5)])
+def test_denormal_floats_are_flushed_in_torchs_threads_when_set_before_they_start(when, kept):
+    """Set first thing (as the ``pyrovae`` command does), the flag reaches the thread torch starts
+    later: no element of a denormal tensor is left. Set only around the loop, the second thread
+    keeps its half: what the first case fixes."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormal floats")
+    out = subprocess.run([sys.executable, "-c", DENORMALS_ACROSS_THREADS, when], capture_output=True, text=True, check=True)
+    assert float(out.stdout) == kept

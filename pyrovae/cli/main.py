@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pyrovae import __version__
+from pyrovae.context import flush_denormals_in_every_thread
 from pyrovae.errors import Interrupted, PyrovaeError
 
 from . import compare, evaluate, interpolate, latents, list as list_command, reconstruct, sample, train
@@ -52,5 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> int:
+    """The ``pyrovae`` program: :func:`main` in a process whose every thread flushes denormal floats."""
+    flush_denormals_in_every_thread()  # before torch starts its threads, which inherit the flag
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
