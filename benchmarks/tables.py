@@ -31,7 +31,7 @@ CONFIG_LABELS = {
     "handwritten": "hand-written PyTorch (analytic KL, fused Adam)",
     "vae": "pyrovae VAE, `Trace_ELBO`",
     "vae-captured": "pyrovae VAE, `Trace_ELBO`, captured step",
-    "vae-warmup": "pyrovae VAE + KL warm-up (10 epochs)",
+    "vae-warmup": "pyrovae VAE + KL warm-up",
     "vae-mean-field": "pyrovae VAE, `TraceMeanField_ELBO`",
     "vae-mean-field-warmup": "pyrovae VAE, `TraceMeanField_ELBO` + KL warm-up",
     "iwae5": "pyrovae IWAE, k = 5",
@@ -40,11 +40,21 @@ CONFIG_LABELS = {
     "vamp-warmup": "VampPrior + KL warm-up",
     "iaf": "IAF guide (two IAF steps on the diagonal Gaussian)",
     "two-layer": "two stochastic layers (784-(200-200)-100-(100-100)-50)",
-    "two-layer-warmup": "two stochastic layers + KL warm-up (10 epochs)",
+    "two-layer-warmup": "two stochastic layers + KL warm-up",
     "two-layer-iwae5": "two stochastic layers, IWAE k = 5",
     "vamp-iwae5": "VampPrior, IWAE k = 5",
     "iaf-gated": "IAF guide, gated steps (eq. 14 of the paper)",
 }
+DEFAULT_WARMUP_EPOCHS = 10  # quality.py's warm-up of the configurations that warm up, where --warmup is not given
+
+
+def config_label(config: str, settings: dict) -> str:
+    """The configuration's label; a warm-up's length from the run's own settings."""
+    label = CONFIG_LABELS.get(config, config)
+    if label.endswith("KL warm-up"):
+        warmup = settings.get("warmup") or DEFAULT_WARMUP_EPOCHS
+        label += f" ({warmup:g} epochs)"
+    return label
 TRAIN_STEP_METHODS = [  # (key in the JSON, column); a key not listed gets a column of its own
     ("torch", "(a) torch, Adam"),
     ("torch_fused_adam", "(a') torch, fused Adam"),
@@ -376,7 +386,7 @@ def quality_rows(names: list[str]) -> list[dict]:
         elif "results" in d:
             for r in d["results"]:
                 settings = {**d["settings"], "configs": [r["config"]]}
-                rows.append({"file": name, "config": r["config"], "label": CONFIG_LABELS.get(r["config"], r["config"]),
+                rows.append({"file": name, "config": r["config"], "label": config_label(r["config"], settings),
                              "options": quality_flags(settings), "machine": d["machine"], "settings": settings,
                              "recorded_command": d.get("command"), **r})
         elif "summary" in d:  # one configuration, the plain VAE
@@ -530,7 +540,7 @@ def headline() -> str:
         epochs = best["settings"].get("epochs") or best.get("training", {}).get("epochs", "?")
         budget = f"{minutes:g} minutes" if minutes else f"{epochs} epochs"
         rows.append([(f"MNIST test log p(x) after {budget} on {threads} CPU "
-                      f"thread{'s' if threads != 1 else ''}, {CONFIG_LABELS.get(best['config'], best['config'])}"),
+                      f"thread{'s' if threads != 1 else ''}, {config_label(best['config'], best['settings'])}"),
                      f"{pm(best['summary']['log_px'])} nats" + (f" (hand-written VAE: {num(hand[0]['summary']['log_px'][0])})" if hand else ""),
                      f"[quality]({page}#quality-at-equal-budget)"])
         published = paper(best)
