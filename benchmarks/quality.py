@@ -33,6 +33,7 @@ from common import machine, write_json
 from pyrovae import params
 from pyrovae.cli.train import CAPTURE_MODES
 from pyrovae.data import Batches, load_dataset, static_binarized
+from pyrovae.context import flush_denormals_in_every_thread
 from pyrovae.evaluate import evaluate
 from pyrovae.models import LIKELIHOODS, two_layer, vae
 from pyrovae.models.networks import initialize_output_bias
@@ -258,6 +259,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "results" / "quality.json"))
     args = p.parse_args(argv)
     command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    flush_denormals_in_every_thread()  # as the pyrovae command: long runs age Adam's moments into denormals
     torch.set_num_threads(args.threads)
     if args.tiny:
         data, args.minutes, args.samples, args.test_points = load_dataset("digits"), 0.05, 50, 20
