@@ -550,6 +550,9 @@ def headline() -> str:
     return "\n".join([HEADLINE_START, table(["", "result", "details"], rows), "", " ".join(notes), HEADLINE_END])
 
 
+EQUAL_EPOCHS_175 = ["vamp", "two-layer-warmup", "iaf", "iwae5", "two-layer-iwae5"]
+
+
 def present(names: list[str]) -> list[str]:
     return [n for n in names if (RESULTS / n).is_file()]
 
@@ -576,6 +579,8 @@ TABLES: dict[str, Callable[[], tuple[str, list[str]]]] = {
     "quality_15min_elu_1t.md": lambda: quality_table(sorted(p.name for p in RESULTS.glob("quality_15min_elu_1t_*.json")),
                                                      components=True),
     "quality_equal_epochs_40.md": lambda: quality_table(present(["quality_equal_epochs_40_elu_vae.json"]), components=True),
+    "quality_equal_epochs_175.md": lambda: quality_table(present(  # the plain VAE's 175 epochs: its 15-minute run
+        ["quality_15min_elu_1t_vae.json", *(f"quality_equal_epochs_175_elu_{c}.json" for c in EQUAL_EPOCHS_175)]), components=True),
     "quality_15min_tanh.md": lambda: quality_table(
         present(["quality_15min_cosine.json", "quality_15min_b.json", "quality_15min.json", "quality.json"]),
         run_labels={"quality_15min_cosine.json": "C", "quality_15min_b.json": "B", "quality_15min.json": "A", "quality.json": "0"}),
