@@ -31,7 +31,9 @@ Replay (:func:`replay`, ``mode=``):
     The graph through ``torch.compile`` (inductor), compiled on the spot: fused kernels, seconds
     to compile per signature. Its random operations draw from inductor's own stream, not the eager
     one. Where compiling fails (no C++ compiler, an unsupported operation) the plain graph is
-    replayed, after a logged warning.
+    replayed, after a logged warning. On the CPU the graph compiled has each bias-adding matrix
+    product ``addmm(b, A, B)`` as ``mm(A, B) + b`` (:func:`unfuse_bias`), so that the bias is added
+    in the fused kernel that follows instead of by a pass of its own.
 ``"cuda-graph"``
     The graph captured in a CUDA graph over static copies of the inputs: each call copies the new
     inputs in and replays; the outputs are static buffers, overwritten by the next call.
@@ -45,7 +47,7 @@ import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch.fx.experimental.const_fold import split_const_subgraphs
+from torch.fx.experimental.const_fold import FoldedGraphModule, split_const_subgraphs
 from torch.fx.experimental.proxy_tensor import make_fx
 
 log = logging.getLogger(__name__)
@@ -268,6 +270,32 @@ def replay(graph: torch.fx.GraphModule, mode: str, inputs: Sequence[torch.Tensor
     return lambda *new: run(*new, *live)
 
 
+def unfuse_bias(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of the graph with every ``addmm(b, A, B)`` (a linear layer: b + A B) written as
+    ``mm(A, B) + b``. The same values, up to the order of a float sum. For inductor on the CPU:
+    its ``addmm`` first copies the broadcast bias into the whole output, one more pass over an
+    (N, out) array before the matrix product adds to it, where ``mm`` writes the product alone
+    and the addition fuses into the elementwise kernel that reads it next (an activation, a
+    log-density). Inductor does this itself on GPUs only; on a 5000 × 784 decoder output this
+    pass took about 15 % of the importance-sampling pass on one CPU thread. The copy shares the
+    original's attributes (constants stay references); a graph of :func:`fold_constants`, which
+    computes its folded part on its first call, is returned as it is."""
+    if isinstance(graph_module, FoldedGraphModule):
+        return graph_module
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(graph_module.graph, {}))
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.addmm.default and len(node.args) == 3 and not node.kwargs:
+            bias, a, b = node.args
+            with graph.inserting_before(node):
+                product = graph.call_function(torch.ops.aten.mm.default, (a, b))
+                total = graph.call_function(torch.ops.aten.add.Tensor, (product, bias))
+            total.meta = dict(node.meta)
+            node.replace_all_uses_with(total)
+            graph.erase_node(node)
+    return torch.fx.GraphModule(graph_module, graph)
+
+
 def compiled(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], what: str = "graph",
              eager_noise: bool = False) -> Callable[..., Any]:
     """``graph`` through ``torch.compile`` (inductor), compiled now on ``inputs``; the plain graph
@@ -276,7 +304,8 @@ def compiled(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], what: 
     from torch._inductor import config as inductor_config
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
-    run = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
+    on_cpu = all(t.device.type == "cpu" for t in inputs if isinstance(t, torch.Tensor))
+    run = torch.compile(unfuse_bias(graph) if on_cpu else graph, backend="inductor", fullgraph=True, dynamic=False)
     try:
         with torch.no_grad(), inductor_config.patch(fallback_random=True) if eager_noise else contextlib.nullcontext():
             run(*inputs)
@@ -314,4 +343,4 @@ def cuda_graph(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], live
 
 
 __all__ = ["MODES", "compiled", "cuda_graph", "fold_constants", "one_fake_mode", "preserved_rng", "refold", "replay", "rng_states",
-           "same_rng_states", "simplify", "trace"]
+           "same_rng_states", "simplify", "trace", "unfuse_bias"]

@@ -175,3 +175,30 @@ def test_inductor_mode_gives_the_eager_draws_to_float_tolerance():
         assert fast_eval.disagreement(log_w, expected) is None
         torch.testing.assert_close(log_w, expected, rtol=1e-5, atol=1e-4)
     assert not captured.failures
+
+
+def test_unfuse_bias_writes_each_linear_layer_as_a_product_plus_its_bias():
+    """The graph inductor compiles on the CPU: every ``addmm(b, A, B)`` of a traced MLP becomes
+    ``mm(A, B) + b``, with the same values (float64) and its constants still shared with the
+    original graph (an in-place change to a buffer is seen by both)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    scale = torch.ones(2, dtype=torch.float64)  # a constant of the graph, not an input
+
+    def f(x, *params):
+        w1, b1, w2, b2 = params
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, w1, b1)), w2, b2) * scale
+
+    x, params = torch.randn(5, 3, dtype=torch.float64), [p.detach() for p in net.parameters()]
+    graph = graphs.trace(f, x, *params)
+    unfused = graphs.unfuse_bias(graph)
+
+    def count(g, op):
+        return sum(n.target is op for n in g.graph.nodes)
+
+    aten = torch.ops.aten
+    assert count(graph, aten.addmm.default) == 2 and count(graph, aten.mm.default) == 0
+    assert count(unfused, aten.addmm.default) == 0 and count(unfused, aten.mm.default) == 2
+    torch.testing.assert_close(unfused(x, *params), graph(x, *params), rtol=1e-12, atol=1e-12)
+    scale.fill_(3.0)
+    torch.testing.assert_close(unfused(x, *params), f(x, *params), rtol=1e-12, atol=1e-12)
