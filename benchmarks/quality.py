@@ -259,7 +259,6 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "results" / "quality.json"))
     args = p.parse_args(argv)
     command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
-    flush_denormals_in_every_thread()  # as the pyrovae command: long runs age Adam's moments into denormals
     torch.set_num_threads(args.threads)
     if args.tiny:
         data, args.minutes, args.samples, args.test_points = load_dataset("digits"), 0.05, 50, 20
@@ -314,4 +313,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    flush_denormals_in_every_thread()  # as the pyrovae command: long runs age Adam's moments into denormals
     main()

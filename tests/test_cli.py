@@ -14,7 +14,7 @@ from PIL import Image
 
 import pyrovae
 from pyrovae import session
-from pyrovae.cli.main import main
+from pyrovae.cli.main import main, run
 from pyrovae.models import VAEConfig
 from pyrovae.train import TrainConfig
 
@@ -357,8 +357,8 @@ def test_the_module_runs_as_a_command():
 
 def test_the_console_script_is_installed():
     (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "pyrovae"]
-    assert entry.value == "pyrovae.cli.main:main"
-    assert entry.load() is main
+    assert entry.value == "pyrovae.cli.main:run"
+    assert entry.load() is run
 
 
 # ---------------------------------------------------------------- MNIST
