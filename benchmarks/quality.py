@@ -32,8 +32,8 @@ from torch import nn
 from common import machine, write_json
 from pyrovae import params
 from pyrovae.cli.train import CAPTURE_MODES
-from pyrovae.data import Batches, load_dataset, static_binarized
 from pyrovae.context import flush_denormals_in_every_thread
+from pyrovae.data import Batches, load_dataset, static_binarized
 from pyrovae.evaluate import evaluate
 from pyrovae.models import LIKELIHOODS, two_layer, vae
 from pyrovae.models.networks import initialize_output_bias

@@ -55,6 +55,8 @@ def config_label(config: str, settings: dict) -> str:
         warmup = settings.get("warmup") or DEFAULT_WARMUP_EPOCHS
         label += f" ({warmup:g} epochs)"
     return label
+
+
 TRAIN_STEP_METHODS = [  # (key in the JSON, column); a key not listed gets a column of its own
     ("torch", "(a) torch, Adam"),
     ("torch_fused_adam", "(a') torch, fused Adam"),

@@ -412,6 +412,12 @@ def test_load_of_a_corrupt_checkpoint_says_so(tmp_path):
         checkpoint.load(path)
 
 
+# torch.set_flush_denormal reports whether the CPU can flush (SSE3 on x86); False is torch's default
+flushes_denormals = pytest.mark.skipif(not torch.set_flush_denormal(False),
+                                       reason="torch cannot flush denormal floats on this CPU (x86 without SSE3)")
+
+
+@flushes_denormals
 def test_denormal_floats_are_flushed_to_zero_inside_the_engines_loops_only():
     """Inside ``fast_context`` (nested too, as an evaluation inside training) a float32 below the
     smallest normal number becomes 0, so Adam's moments of a weight that gets no gradient decay to
@@ -437,7 +443,7 @@ def test_denormal_floats_are_flushed_to_zero_inside_the_engines_loops_only():
             pass
         inner_left = (tiny * 1.0).item()
         inside = step_without_gradient_on_the_second_entry(1e-38)
-    assert 0 < outside < 1.2e-38  # torch's default: a denormal moment (this CPU supports flushing: see below)
+    assert 0 < outside < 1.2e-38  # torch's default: a denormal moment
     assert inner_left == 0.0 and inside == 0.0
     assert (tiny * 1.0).item() > 0
 
@@ -456,12 +462,11 @@ print((y != 0).float().mean().item())
 """
 
 
+@flushes_denormals
 @pytest.mark.parametrize("when, kept", [("process", 0.0), ("loop", 0.5)])
 def test_denormal_floats_are_flushed_in_torchs_threads_when_set_before_they_start(when, kept):
     """Set first thing (as the ``pyrovae`` command does), the flag reaches the thread torch starts
     later: no element of a denormal tensor is left. Set only around the loop, the second thread
     keeps its half: what the first case fixes."""
-    if not torch.set_flush_denormal(False):
-        pytest.skip("this CPU cannot flush denormal floats")
     out = subprocess.run([sys.executable, "-c", DENORMALS_ACROSS_THREADS, when], capture_output=True, text=True, check=True)
     assert float(out.stdout) == kept
