@@ -60,19 +60,6 @@ and benchmarks/README.md has the numbers):
 ``"eager"``
     No capture: the objective (:class:`pyrovae.objectives.Loss`) and autograd on every step.
 
-The optimizer's step in the graph: with the fused torch Adam that :func:`pyrovae.step.make_optimizer`
-makes (any optimizer :func:`pyrovae.step.adam_in_graph` accepts), on the CPU, in modes ``"graph"``
-and ``"inductor"``, :meth:`CapturedStep.step` records Adam's update in the same graph, after the
-gradients: one replay per step, no ``.grad``, no ``optimizer.step()`` in Python. Its state is the
-optimizer's own (its ``exp_avg``, ``exp_avg_sq`` and ``step`` tensors, inputs of the graph, so a
-checkpoint saves it and a reloaded one is used), its learning rate an input (schedules change it).
-The update is taken only where the loss and the gradient's norm are finite: otherwise nothing
-changes and :class:`~pyrovae.step.TrainingDiverged` is raised after the replay, as before the step.
-Replayed op by op the update is torch's own fused kernel, so the parameters are those of
-``optimizer.step()`` bit for bit; through inductor it is Adam's formula in tensor operations, fused
-with the rest. A step where a parameter gets its first gradient (Adam makes its state then), a
-step summed over processes, and any other optimizer take ``optimizer.step()`` as before.
-
 Checked capture (``check=True``, what ``capture="auto"`` in :class:`pyrovae.train.TrainConfig`
 asks for): at each new input signature the fresh graph is replayed once and the eager step is run
 on the same draws (torch's generator reset to the same state between the two); the step goes on
@@ -98,7 +85,7 @@ from . import graphs
 from .context import fast_context
 from .errors import PyrovaeError
 from .objectives import loss as objective_loss
-from .step import InGraphAdam, adam_in_graph, adam_update, check_loss, check_norm, clip_coefficient, grad_norm, train_step, update
+from .step import check_loss, grad_norm, train_step, update
 from .traces import sample_sites
 
 log = logging.getLogger(__name__)
@@ -127,9 +114,8 @@ class CapturedStep:
     latent sites' log-densities and may be changed between calls (KL warm-up) without a new capture.
 
     ``step(optimizer, x)`` is :func:`pyrovae.step.train_step` with the captured graph: the same
-    loss, gradients, non-finite check, clipping and update (taken inside the graph for fused Adam on
-    the CPU; see the module docstring). Calling it, ``captured(x)``, returns ``(loss, grads, norm)``
-    without touching ``.grad`` or the optimizer.
+    loss, gradients, non-finite check and clipping. Calling it, ``captured(x)``, returns
+    ``(loss, grads, norm)`` without touching ``.grad`` or the optimizer.
 
     ``check``: compare each new capture with the eager step on its first batch and run eagerly,
     after one logged line, where they differ (see the module docstring).
@@ -162,7 +148,6 @@ class CapturedStep:
         self.graphs: dict[tuple, torch.fx.GraphModule] = {}  # input signature → the traced graph
         self.failure: str | None = None  # why capture failed (the step then runs eagerly)
         self._beta_tensor: tuple[float, torch.Tensor | None] = (beta, None)
-        self._lr_tensors: list[tuple[float, torch.Tensor]] = []  # (value, 0-d tensor) per optimizer group
 
     @property
     def eager(self) -> bool:
@@ -185,23 +170,6 @@ class CapturedStep:
         norm = grad_norm(present) if present else torch.zeros((), dtype=loss.dtype, device=loss.device)
         check = torch.stack([loss.detach().to(torch.float64), norm.to(torch.float64)])
         return check, loss.detach(), norm, grads
-
-    def _updating_step(self, x: torch.Tensor, args: tuple, beta: torch.Tensor | float, leaves, lrs, state, adam: InGraphAdam,
-                       clip_grad: float | None) -> tuple:
-        """:meth:`_grad_step` followed by the optimizer's Adam step (:func:`pyrovae.step.adam_update`,
-        torch's fused kernel when replayed op by op), taken only where the loss and the gradient's
-        norm are finite, on the gradients clipped to ``clip_grad``: the function the graph of
-        :meth:`step` records when it takes the update in the graph."""
-        check, loss, norm, grads = self._grad_step(x, args, beta, leaves)
-        if any(grads[i] is not None for i in adam.stateless):
-            raise _OptimizerStateMissing  # optimizer.step() makes it, on this step
-        with torch.no_grad():
-            ok = check.isfinite().all()
-            taken = [grads[i] for i in adam.taken]
-            if clip_grad is not None:
-                taken = torch._foreach_mul(taken, clip_coefficient(norm, clip_grad))
-            adam_update(adam.key, [leaves[i] for i in adam.taken], taken, lrs, state, ok, fused=self.mode != "inductor")
-        return check, loss, norm, grads
 
     # signatures and captures
 
@@ -234,20 +202,13 @@ class CapturedStep:
         self._beta_tensor = beta, tensor
         return tensor
 
-    def _capture(self, key: tuple, template: list, tensors: list[torch.Tensor], beta: torch.Tensor,
-                 adam: InGraphAdam | None = None, lrs: list[torch.Tensor] = (), clip_grad: float | None = None) -> Callable:
-        """The replayed step for this signature: ``(*tensors, beta) → (check, loss, norm, grads)``;
-        with ``adam``, ``(*tensors, beta, *lrs, *adam.state)``, and the graph takes the optimizer step too."""
-        n, m = len(tensors), len(lrs)
-        inputs = [*tensors, beta, *lrs, *(adam.state if adam else ())]
+    def _capture(self, key: tuple, template: list, tensors: list[torch.Tensor], beta: torch.Tensor) -> Callable:
+        n = len(tensors)
 
         def traced(*inputs):
-            data, beta, leaves = inputs[:n], inputs[n], inputs[len(inputs) - len(self._leaves):]
+            data, beta, leaves = inputs[:n], inputs[n], inputs[n + 1:]
             x, *args = [data[a.index] if isinstance(a, _Input) else a for a in template]
-            if adam is None:
-                return self._grad_step(x, tuple(args), beta, leaves)
-            lrs, state = inputs[n + 1:n + 1 + m], inputs[n + 1 + m:len(inputs) - len(self._leaves)]
-            return self._updating_step(x, tuple(args), beta, leaves, lrs, state, adam, clip_grad)
+            return self._grad_step(x, tuple(args), beta, leaves)
 
         with graphs.preserved_rng([*tensors, *self._leaves]):  # the check runs the guide: give its draws back
             self._check_reparameterized(template, tensors)
@@ -255,12 +216,11 @@ class CapturedStep:
                 x, *args = [tensors[a.index] if isinstance(a, _Input) else a for a in template]
                 with torch.no_grad(), fast_context():
                     self._eager_loss(x, *args, beta=beta)
-        with fast_context(), torch.enable_grad(), graphs.preserved_values([*self._leaves, *inputs]):  # tracing runs the update
-            graph = graphs.trace(traced, *inputs, *self._leaves)
+        with fast_context(), torch.enable_grad():
+            graph = graphs.trace(traced, *tensors, beta, *self._leaves)
         if self.mode == "graph":  # replayed op by op: what depends on no input (the prior's constants) computed once
             graph = graphs.fold_constants(graph)
-        with graphs.preserved_values([*self._leaves, *inputs]):  # compiling may run it
-            replay = graphs.replay(graph, self.mode, inputs, self._leaves, what="captured step")
+        replay = graphs.replay(graph, self.mode, [*tensors, beta], self._leaves, what="captured step")
         self.graphs[key] = graph
         return replay
 
@@ -313,14 +273,13 @@ class CapturedStep:
         return StepResult(loss.detach(), grads, norm)
 
     def _checked(self, replay: Callable, tensors: list[torch.Tensor], beta: torch.Tensor, x: torch.Tensor,
-                 args: tuple, inputs: list[torch.Tensor] = ()) -> StepResult:
+                 args: tuple) -> StepResult:
         """The eager step's result at ``x``, after comparing it with the new capture's replay on the
-        same draws (``inputs``: its further inputs, which it may update, as the parameters, and which
-        are given back); where they differ, capture is given up (with the reason logged)."""
+        same draws; where they differ, capture is given up (with the reason logged)."""
         devices = [*tensors, *self._leaves]
-        with graphs.preserved_rng(devices), graphs.preserved_values([*self._leaves, *inputs]):
+        with graphs.preserved_rng(devices):
             with torch.no_grad():
-                _, loss, norm, grads = replay(*tensors, beta, *inputs)
+                _, loss, norm, grads = replay(*tensors, beta)
             captured = StepResult(loss.clone(), [None if g is None else g.clone() for g in grads], norm.clone())
             drawn = graphs.rng_states(devices)
         eager = self._eager(x, args)
@@ -347,15 +306,6 @@ class CapturedStep:
         if self.eager:
             self._eager_loss.beta = self.beta
             return train_step(self._eager_loss, optimizer, x, *args, clip_grad=clip_grad, norms=norms, sync=sync)
-        if sync is None and self.mode in ("graph", "inductor") and all(p.device.type == "cpu" for p in self._leaves):
-            adam = adam_in_graph(optimizer, self._leaves)
-            if adam is not None:
-                return self._step_in_graph(optimizer, adam, x, args, clip_grad, norms)
-        return self._step_outside_graph(optimizer, x, args, clip_grad, norms, sync)
-
-    def _step_outside_graph(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, args: tuple, clip_grad: float | None,
-                            norms: list | None, sync: Callable[[torch.Tensor], float] | None = None) -> float:
-        """:meth:`step` with the gradients from the graph in ``.grad`` and ``optimizer.step()``."""
         optimizer.zero_grad(set_to_none=True)
         check, (loss, grads, norm) = self._run(x, args)
         for p, g in zip(self._leaves, grads):
@@ -366,61 +316,6 @@ class CapturedStep:
             check = torch.stack([loss.to(torch.float64), norm.to(torch.float64)])
         value, norm_value = check.tolist()
         return update(optimizer, check_loss(value), clip_grad, norms, norm, norm_value)
-
-
-    def _step_in_graph(self, optimizer: torch.optim.Adam, adam: InGraphAdam, x: torch.Tensor, args: tuple,
-                       clip_grad: float | None, norms: list | None) -> float:
-        """:meth:`step` with the optimizer's Adam step taken inside the graph (on the CPU, in modes
-        ``"graph"`` and ``"inductor"``, for an optimizer :func:`pyrovae.step.adam_in_graph` accepts):
-        one replay computes the loss, the gradients and their norm and takes the step where the loss
-        and the norm are finite, and one read of the loss and the norm follows it, which raises
-        :class:`~pyrovae.step.TrainingDiverged` if either is not (the step was not taken). The
-        parameters' ``.grad`` are left None. A checked capture's first step is the eager step,
-        taken by ``optimizer.step()`` after the comparison."""
-        try:
-            key, tensors, template = self._split(x, args)
-        except TypeError as e:
-            self._give_up(f"an argument cannot key a capture ({e})")
-            return self.step(optimizer, x, *args, clip_grad=clip_grad, norms=norms)
-        key = (*key, "adam", adam.key, clip_grad)
-        beta = self._beta(x)
-        lrs = self._lrs(adam.lrs)
-        replay = self.captures.get(key)
-        if replay is None:
-            try:
-                replay = self.captures[key] = self._capture(key, template, tensors, beta, adam, lrs, clip_grad)
-            except _OptimizerStateMissing:  # a parameter's first gradient: this step is optimizer.step()'s
-                return self._step_outside_graph(optimizer, x, args, clip_grad, norms)
-            except Exception as e:  # data-dependent control flow, an operation make_fx cannot trace, ...
-                message = str(e).strip()
-                self._give_up(f"{type(e).__name__}: {message.splitlines()[0] if message else ''}")
-                return self.step(optimizer, x, *args, clip_grad=clip_grad, norms=norms)
-            if self.check:
-                loss, grads, norm = self._checked(replay, tensors, beta, x, args, [*lrs, *adam.state])
-                optimizer.zero_grad(set_to_none=True)
-                for p, g in zip(self._leaves, grads):
-                    p.grad = g
-                return update(optimizer, check_loss(loss.item()), clip_grad, norms, norm)
-        with torch.no_grad():
-            check = replay(*tensors, beta, *lrs, *adam.state)[0]
-        for p in self._leaves:
-            p.grad = None
-        value, norm_value = check.tolist()
-        norm_value = check_norm(norm_value, check_loss(value))
-        if norms is not None:
-            norms.append(norm_value)
-        return value
-
-    def _lrs(self, values: list[float]) -> list[torch.Tensor]:
-        """The learning rates as 0-d float64 tensors (inputs of the graph), refilled only when they change."""
-        if [v for v, _ in self._lr_tensors] != values:
-            if len(self._lr_tensors) != len(values):
-                self._lr_tensors = [(v, torch.tensor(v, dtype=torch.float64)) for v in values]
-            for (old, tensor), value in zip(self._lr_tensors, values):
-                if old != value:
-                    tensor.fill_(value)
-            self._lr_tensors = [(v, t) for v, (_, t) in zip(values, self._lr_tensors)]
-        return [t for _, t in self._lr_tensors]
 
 
 def disagreement(captured: StepResult, eager: StepResult, names: list[str]) -> str | None:
@@ -445,10 +340,6 @@ def disagreement(captured: StepResult, eager: StepResult, names: list[str]) -> s
         if a is not None and not close(a, b):
             return f"the gradient of parameter {name!r} differs (largest difference {(a - b).abs().max().item():.3g})"
     return None
-
-
-class _OptimizerStateMissing(Exception):
-    """Raised while tracing: a parameter without Adam state has a gradient in this step."""
 
 
 class _Input(NamedTuple):

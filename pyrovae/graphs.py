@@ -28,8 +28,8 @@ Replay (:func:`replay`, ``mode=``):
 ``"graph"``
     The graph module called op by op, without autograd (any backward pass is in the graph).
 ``"inductor"``
-    The graph through ``torch.compile`` (inductor), compiled on the spot: fused kernels, seconds
-    to compile per signature. Its random operations draw from inductor's own stream, not the eager
+    The graph compiled by inductor on the spot (``torch._inductor.compile``, without TorchDynamo):
+    fused kernels, seconds to compile per signature. Its random operations draw from inductor's own stream, not the eager
     one. Where compiling fails (no C++ compiler, an unsupported operation) the plain graph is
     replayed, after a logged warning. On the CPU the graph compiled has each bias-adding matrix
     product ``addmm(b, A, B)`` as ``mm(A, B) + b`` (:func:`unfuse_bias`), so that the bias is added
@@ -77,20 +77,6 @@ def preserved_rng(tensors: Iterable = ()):
         torch.set_rng_state(states.pop("cpu"))
         for d, state in states.items():
             torch.cuda.set_rng_state(state, d)
-
-
-@contextlib.contextmanager
-def preserved_values(tensors: Iterable[torch.Tensor] = ()):
-    """Give ``tensors`` back, on exit, the values they had on entry: for running once a function
-    that updates them in place (tracing a training step with its optimizer update, say)."""
-    tensors = list(tensors)
-    saved = [t.detach().clone() for t in tensors]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, value in zip(tensors, saved):
-                t.copy_(value)
 
 
 def one_fake_mode():
@@ -372,5 +358,5 @@ def cuda_graph(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], live
     return run
 
 
-__all__ = ["MODES", "compiled", "cuda_graph", "flat_outputs", "fold_constants", "one_fake_mode", "preserved_rng", "preserved_values", "refold", "replay",
+__all__ = ["MODES", "compiled", "cuda_graph", "flat_outputs", "fold_constants", "one_fake_mode", "preserved_rng", "refold", "replay",
            "rng_states", "same_rng_states", "simplify", "trace", "unfuse_bias"]
