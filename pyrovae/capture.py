@@ -102,7 +102,7 @@ def default_mode(device: torch.device | str) -> str:
 class StepResult(NamedTuple):
     loss: torch.Tensor  # −ELBO summed over the batch (0-d; β-weighted when β ≠ 1)
     grads: list[torch.Tensor | None]  # one per parameter, in the order given; None where the loss does not use it
-    norm: torch.Tensor  # the gradients' total 2-norm, as torch.nn.utils.get_total_norm gives it
+    norm: torch.Tensor  # the gradients' total 2-norm (pyrovae.step.grad_norm)
 
 
 class CapturedStep:
@@ -269,7 +269,7 @@ class CapturedStep:
         loss = self._eager_loss(x, *args)
         grads = list(torch.autograd.grad(loss, self._leaves, allow_unused=True))
         present = [g for g in grads if g is not None]
-        norm = grad_norm(present) if present else torch.zeros(())
+        norm = grad_norm(present)
         return StepResult(loss.detach(), grads, norm)
 
     def _checked(self, replay: Callable, tensors: list[torch.Tensor], beta: torch.Tensor, x: torch.Tensor,
